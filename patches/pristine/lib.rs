@@ -1,0 +1,1 @@
+// Intentionally empty: this manifest only fetches sources.

@@ -1,0 +1,248 @@
+//! The LogQuant [`KvCacheBackend`]: one layer's cache for a batch of sequences, registered with
+//! mistral.rs under the name `logquant`.
+//!
+//! Attention uses the portable path: the cache is dequantized into one `[quantized | full
+//! precision]` block and handed to the engine's own attention, so every device mistral.rs
+//! supports runs it.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use candle_core::{Device, Result, Tensor};
+use mistralrs_core::kv_cache_backend::{
+    register_kv_cache_backend, AttentionParams, EngineAttention, KvCacheBackend,
+    KvCacheBackendFactory, LayerUsage,
+};
+
+use crate::config::LogQuantConfig;
+use crate::store::SeqLayerStore;
+
+/// Registry name of the LogQuant backend.
+pub const LOGQUANT: &str = "logquant";
+
+/// Creates [`LogQuantCache`] layers with one configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct LogQuantFactory {
+    pub config: LogQuantConfig,
+}
+
+impl KvCacheBackendFactory for LogQuantFactory {
+    fn name(&self) -> &str {
+        LOGQUANT
+    }
+
+    fn create(&self, _layer: usize, max_seq_len: usize) -> Box<dyn KvCacheBackend> {
+        Box::new(LogQuantCache::new(self.config, max_seq_len))
+    }
+}
+
+/// Register (or replace) the `logquant` backend with `config`. Models built afterwards with
+/// the backend selected use this configuration; models already built keep theirs.
+pub fn register_logquant(config: LogQuantConfig) {
+    register_kv_cache_backend(Arc::new(LogQuantFactory { config }));
+}
+
+/// One layer's LogQuant cache for a batch of equal-length sequences.
+#[derive(Debug, Clone)]
+pub struct LogQuantCache {
+    config: LogQuantConfig,
+    max_seq_len: usize,
+    /// One store per batch row; empty until the first append tells the batch size.
+    rows: Vec<SeqLayerStore>,
+}
+
+impl LogQuantCache {
+    pub fn new(config: LogQuantConfig, max_seq_len: usize) -> Self {
+        Self {
+            config,
+            max_seq_len,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &LogQuantConfig {
+        &self.config
+    }
+
+    /// The per-sequence stores of the batch.
+    pub fn rows(&self) -> &[SeqLayerStore] {
+        &self.rows
+    }
+
+    fn admit(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (b, _, n, _) = k.dims4()?;
+        let new_len = self.seq_len() + n;
+        if new_len > self.max_seq_len {
+            candle_core::bail!(
+                "kv-cache: {new_len} tokens exceed the model's context of {}",
+                self.max_seq_len
+            );
+        }
+        if self.rows.is_empty() {
+            self.rows = vec![SeqLayerStore::new(self.config); b];
+        } else if self.rows.len() != b {
+            candle_core::bail!(
+                "logquant: batch of {b} appended to a cache of {} sequences",
+                self.rows.len()
+            );
+        }
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            row.admit(&k.get(i)?, &v.get(i)?)?;
+        }
+        Ok(())
+    }
+
+    /// The batch as `(b, heads, len, dim)` K and V in `like`'s dtype and device.
+    fn materialize_like(&self, like: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let mut ks = Vec::with_capacity(self.rows.len());
+        let mut vs = Vec::with_capacity(self.rows.len());
+        for row in &self.rows {
+            match row.materialize(like.dtype(), like.device())? {
+                Some((k, v)) => {
+                    ks.push(k);
+                    vs.push(v);
+                }
+                None => return Ok(None),
+            }
+        }
+        if ks.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?)))
+    }
+
+    fn from_rows(&self, rows: Vec<SeqLayerStore>) -> Self {
+        Self {
+            config: self.config,
+            max_seq_len: self.max_seq_len,
+            rows,
+        }
+    }
+}
+
+impl KvCacheBackend for LogQuantCache {
+    fn append_and_attend(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        _params: &AttentionParams,
+        engine: &EngineAttention<'_>,
+    ) -> Result<Tensor> {
+        if k.dim(2)? == 1 {
+            // Decode: the policy compresses first, then the new token attends to the cache.
+            self.admit(k, v)?;
+            let (k_all, v_all) = self.materialize_like(k)?.expect("cache holds the new token");
+            return engine(q, &k_all, &v_all, mask);
+        }
+        // Prefill or a chunk: attend with the exact new rows after the cached ones (the layout
+        // the engine's causal mask expects), then let the policy quantize.
+        let (k_all, v_all) = match self.materialize_like(k)? {
+            None => (k.clone(), v.clone()),
+            Some((ck, cv)) => (Tensor::cat(&[&ck, k], 2)?, Tensor::cat(&[&cv, v], 2)?),
+        };
+        let out = engine(q, &k_all, &v_all, mask)?;
+        self.admit(k, v)?;
+        Ok(out)
+    }
+
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.admit(k, v)?;
+        Ok(self.materialize_like(k)?.expect("cache holds the new rows"))
+    }
+
+    fn materialize(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(layout) = self.rows.first().and_then(|r| r.layout()) else {
+            return Ok(None);
+        };
+        let like = Tensor::zeros(0, layout.dtype, &layout.device)?;
+        self.materialize_like(&like)
+    }
+
+    fn seq_len(&self) -> usize {
+        self.rows.first().map_or(0, SeqLayerStore::len)
+    }
+
+    fn reset(&mut self) {
+        self.rows.clear();
+    }
+
+    fn try_set_len(&self, len: usize) -> Result<()> {
+        let current = self.seq_len();
+        if len != current {
+            candle_core::bail!(
+                "logquant: cannot change the cache from {current} to {len} tokens: quantized \
+                 tokens cannot be restored (run without prefix caching or speculative decoding)"
+            );
+        }
+        Ok(())
+    }
+
+    fn set_len(&mut self, len: usize) -> Result<()> {
+        self.try_set_len(len)
+    }
+
+    fn box_clone(&self) -> Box<dyn KvCacheBackend> {
+        Box::new(self.clone())
+    }
+
+    fn cat_batch(&self, rest: &[&dyn KvCacheBackend]) -> Result<Box<dyn KvCacheBackend>> {
+        let mut rows = self.rows.clone();
+        for part in rest {
+            let Some(part) = part.as_any().downcast_ref::<LogQuantCache>() else {
+                candle_core::bail!("logquant: cannot batch with another kind of cache");
+            };
+            if part.seq_len() != self.seq_len() {
+                candle_core::bail!(
+                    "logquant: cannot batch sequences of {} and {} tokens",
+                    self.seq_len(),
+                    part.seq_len()
+                );
+            }
+            rows.extend(part.rows.iter().cloned());
+        }
+        Ok(Box::new(self.from_rows(rows)))
+    }
+
+    fn split_batch(&self, n: usize) -> Result<Vec<Box<dyn KvCacheBackend>>> {
+        if self.rows.is_empty() {
+            return Ok((0..n).map(|_| self.from_rows(Vec::new()).box_clone()).collect());
+        }
+        if self.rows.len() != n {
+            candle_core::bail!(
+                "logquant: batch of {} cannot split into {n}",
+                self.rows.len()
+            );
+        }
+        Ok(self
+            .rows
+            .iter()
+            .map(|row| Box::new(self.from_rows(vec![row.clone()])) as Box<dyn KvCacheBackend>)
+            .collect())
+    }
+
+    fn usage(&self) -> LayerUsage {
+        let mut usage = LayerUsage::default();
+        for row in &self.rows {
+            let dense_per_token = row.layout().map_or(0, |l| l.dense_bytes_per_token());
+            usage.tokens = row.len();
+            usage.bytes += row.bytes();
+            usage.dense_bytes += row.len() * dense_per_token;
+            usage.full_precision_tokens = row.full_precision_tokens();
+            usage.quantized_tokens = row.quantized_tokens();
+        }
+        usage
+    }
+
+    fn device(&self) -> Option<Device> {
+        self.rows
+            .first()
+            .and_then(|r| r.layout())
+            .map(|l| l.device.clone())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,220 @@
+//! Building a mistral.rs engine with a chosen KV cache: one path for the server, the CLI, the
+//! examples and the tests.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use mistralrs_core::kv_cache_backend::{
+    register_kv_cache_backend, registered_kv_cache_backends, select_kv_cache_backend,
+};
+use mistralrs_core::{AutoDeviceMapParams, MistralRs, ModelDType, ModelSelected, TokenSource};
+use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+
+use crate::backend::{register_logquant, LOGQUANT};
+use crate::config::LogQuantConfig;
+use crate::model_source::ModelSource;
+use crate::passthrough::{PassthroughFactory, PASSTHROUGH};
+
+/// Register every backend this crate provides with mistral.rs; `logquant` with the default
+/// configuration unless one is registered already.
+pub fn register_backends() {
+    register_kv_cache_backend(Arc::new(PassthroughFactory));
+    if !registered_kv_cache_backends().iter().any(|n| n == LOGQUANT) {
+        register_logquant(LogQuantConfig::default());
+    }
+}
+
+/// Which KV cache the engine uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvCacheChoice {
+    /// mistral.rs's own cache, untouched.
+    Default,
+    /// LogQuant with this configuration.
+    LogQuant(LogQuantConfig),
+    /// Any other backend registered with mistral.rs under this name.
+    Backend(String),
+}
+
+impl KvCacheChoice {
+    pub fn passthrough() -> Self {
+        Self::Backend(PASSTHROUGH.to_string())
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Default => "default",
+            Self::LogQuant(_) => LOGQUANT,
+            Self::Backend(name) => name,
+        }
+    }
+
+    /// A label for tables: the name, and LogQuant's settings.
+    pub fn label(&self) -> String {
+        match self {
+            Self::LogQuant(config) => config.describe(),
+            other => other.name().to_string(),
+        }
+    }
+}
+
+impl FromStr for KvCacheChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        register_backends();
+        if s == "default" {
+            return Ok(Self::Default);
+        }
+        if s == LOGQUANT {
+            return Ok(Self::LogQuant(LogQuantConfig::default()));
+        }
+        let known = registered_kv_cache_backends();
+        if known.iter().any(|k| k == s) {
+            return Ok(Self::Backend(s.to_string()));
+        }
+        bail!(
+            "invalid value `{s}` for --kv-cache (allowed: default, {})",
+            known.join(", ")
+        )
+    }
+}
+
+/// Activation dtype of the model (and so of the default cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for Dtype {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            _ => bail!("invalid value `{s}` for --dtype (allowed: auto, f32, f16, bf16)"),
+        })
+    }
+}
+
+impl Dtype {
+    fn to_model_dtype(self) -> ModelDType {
+        match self {
+            Self::Auto => ModelDType::Auto,
+            Self::F32 => ModelDType::F32,
+            Self::F16 => ModelDType::F16,
+            Self::Bf16 => ModelDType::BF16,
+        }
+    }
+}
+
+/// Everything needed to build an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub model: ModelSource,
+    pub kv_cache: KvCacheChoice,
+    pub dtype: Dtype,
+    /// Run on the CPU even when an accelerator is available.
+    pub cpu: bool,
+    /// Most sequences scheduled at once.
+    pub max_seqs: usize,
+    /// Sequences kept for prefix-cache reuse; `None` turns the prefix cache off.
+    pub prefix_cache_n: Option<usize>,
+    pub seed: Option<u64>,
+}
+
+impl EngineOptions {
+    pub fn new(model: ModelSource, kv_cache: KvCacheChoice) -> Self {
+        Self {
+            model,
+            kv_cache,
+            // On CPU, f32 activations: mistral.rs's CPU kernels are fastest there and the default
+            // cache is then an exact f32 reference.
+            dtype: Dtype::F32,
+            cpu: true,
+            max_seqs: 16,
+            prefix_cache_n: None,
+            seed: Some(0),
+        }
+    }
+}
+
+/// Serializes "select backend, load model": the selection is process-wide and read while the
+/// model's caches are built.
+static LOAD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn model_selected(source: &ModelSource, dtype: ModelDType) -> Result<ModelSelected> {
+    let path_str = |p: &Path| -> Result<String> {
+        p.to_str()
+            .map(str::to_string)
+            .with_context(|| format!("model path {} is not valid UTF-8", p.display()))
+    };
+    Ok(match source {
+        ModelSource::Gguf(path) => ModelSelected::GGUF {
+            tok_model_id: None,
+            quantized_model_id: path_str(path.parent().context("GGUF path has no directory")?)?,
+            quantized_filename: path_str(Path::new(
+                path.file_name().context("GGUF path has no file name")?,
+            ))?,
+            dtype,
+            topology: None,
+            max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+            max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+        },
+        ModelSource::Safetensors(dir) => ModelSelected::Plain {
+            model_id: path_str(dir)?,
+            tokenizer_json: None,
+            arch: None,
+            dtype,
+            topology: None,
+            organization: None,
+            write_uqff: None,
+            from_uqff: None,
+            imatrix: None,
+            calibration_file: None,
+            max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
+            max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+            hf_cache_path: None,
+            matformer_config_path: None,
+            matformer_slice_name: None,
+        },
+    })
+}
+
+/// Load the model and start an engine with the chosen KV cache.
+pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
+    register_backends();
+    let _guard = LOAD_LOCK.lock().await;
+    let backend = match &options.kv_cache {
+        KvCacheChoice::Default => None,
+        KvCacheChoice::LogQuant(config) => {
+            let config = config.validate()?;
+            register_logquant(config);
+            Some(LOGQUANT)
+        }
+        KvCacheChoice::Backend(name) => Some(name.as_str()),
+    };
+    select_kv_cache_backend(backend).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut builder = MistralRsForServerBuilder::new()
+        .with_model(model_selected(&options.model, options.dtype.to_model_dtype())?)
+        .with_token_source(TokenSource::None)
+        .with_max_seqs(options.max_seqs)
+        .with_cpu(options.cpu)
+        .with_seed_optional(options.seed)
+        .set_paged_attn(Some(false));
+    builder = match options.prefix_cache_n {
+        Some(n) => builder.with_prefix_cache_n(n),
+        None => builder.with_prefix_cache_n(0),
+    };
+    let built = builder.build().await;
+    // Leave the process-wide selection as it was found: stock.
+    let _ = select_kv_cache_backend(None);
+    built.with_context(|| format!("cannot load model {}", options.model.model_id()))
+}

@@ -1,0 +1,35 @@
+//! # mistralrs-logquant
+//!
+//! LogQuant 2-bit KV-cache quantization for the [mistral.rs] inference engine.
+//!
+//! mistral.rs 0.8.1 has a closed cache type; `patches/mistralrs-core+0.8.1.patch` adds a
+//! pluggable KV-cache backend seam to it ([`mistralrs_core::kv_cache_backend`]). This crate
+//! registers its backends there and builds engines that use them:
+//!
+//! - [`backend`]: the LogQuant cache (`logquant`): a log-distributed set of at most 3W tokens
+//!   in full precision ([`policy`]), every other token in 2, 4 or 8 bits ([`quant`],
+//!   [`store`]), configured by [`config::LogQuantConfig`].
+//! - [`passthrough`]: an exact full-precision backend, the reference for the plumbing.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
+//! use mistralrs_logquant::model_source::ModelSource;
+//!
+//! let model = ModelSource::default_model()?; // fetched and verified on first use
+//! let engine = build_engine(&EngineOptions::new(model, KvCacheChoice::passthrough())).await?;
+//! # let _ = engine; Ok(()) }
+//! ```
+//!
+//! [mistral.rs]: https://github.com/EricLBuehler/mistral.rs
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod generate;
+pub mod model_source;
+pub mod passthrough;
+pub mod policy;
+pub mod quant;
+pub mod reference;
+pub mod store;

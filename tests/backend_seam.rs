@@ -1,0 +1,292 @@
+//! The pluggable-backend seam, end to end on SmolLM2-135M with the real engine: the pass-through
+//! backend reproduces the default cache token for token (single and batched requests), the
+//! unselected engine is stock, byte counts match the analytic sizes, and a backend that refuses
+//! rewinds makes prefix-cache reuse skip instead of producing wrong output.
+
+mod common;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Device, Result, Tensor};
+use common::*;
+use mistralrs_core::kv_cache_backend::{
+    kv_cache_usage, register_kv_cache_backend, AttentionParams, EngineAttention, KvCacheBackend,
+    KvCacheBackendFactory, LayerUsage,
+};
+use mistralrs_logquant::engine::KvCacheChoice;
+use mistralrs_logquant::generate::generate_greedy;
+use mistralrs_logquant::passthrough::PassthroughCache;
+
+const NEW_TOKENS: usize = 64;
+
+/// Counts what the engine asks of a backend; delegates to the pass-through cache. With
+/// `refuse_rewind` it refuses any length change, like a quantized cache must.
+#[derive(Debug, Clone)]
+struct Probe {
+    inner: PassthroughCache,
+    refuse_rewind: bool,
+}
+
+static MULTI_BATCHES: AtomicUsize = AtomicUsize::new(0);
+static REFUSED_REWINDS: AtomicUsize = AtomicUsize::new(0);
+
+struct ProbeFactory {
+    name: &'static str,
+    refuse_rewind: bool,
+}
+
+impl KvCacheBackendFactory for ProbeFactory {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn create(&self, _layer: usize, max_seq_len: usize) -> Box<dyn KvCacheBackend> {
+        Box::new(Probe {
+            inner: PassthroughCache::new(max_seq_len),
+            refuse_rewind: self.refuse_rewind,
+        })
+    }
+}
+
+fn unwrap_probe(b: &dyn KvCacheBackend) -> &Probe {
+    b.as_any().downcast_ref::<Probe>().expect("probe")
+}
+
+impl KvCacheBackend for Probe {
+    fn append_and_attend(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        params: &AttentionParams,
+        engine: &EngineAttention<'_>,
+    ) -> Result<Tensor> {
+        self.inner.append_and_attend(q, k, v, mask, params, engine)
+    }
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.inner.append(k, v)
+    }
+    fn materialize(&self) -> Result<Option<(Tensor, Tensor)>> {
+        self.inner.materialize()
+    }
+    fn seq_len(&self) -> usize {
+        self.inner.seq_len()
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+    fn try_set_len(&self, len: usize) -> Result<()> {
+        if self.refuse_rewind && len != self.seq_len() {
+            REFUSED_REWINDS.fetch_add(1, Ordering::SeqCst);
+            candle_core::bail!("probe: refusing to set length {len}");
+        }
+        self.inner.try_set_len(len)
+    }
+    fn set_len(&mut self, len: usize) -> Result<()> {
+        self.try_set_len(len)?;
+        self.inner.set_len(len)
+    }
+    fn box_clone(&self) -> Box<dyn KvCacheBackend> {
+        Box::new(self.clone())
+    }
+    fn cat_batch(&self, rest: &[&dyn KvCacheBackend]) -> Result<Box<dyn KvCacheBackend>> {
+        MULTI_BATCHES.fetch_add(1, Ordering::SeqCst);
+        let inner_rest: Vec<&dyn KvCacheBackend> = rest
+            .iter()
+            .map(|b| &unwrap_probe(*b).inner as &dyn KvCacheBackend)
+            .collect();
+        let batched = self.inner.cat_batch(&inner_rest)?;
+        let inner = batched
+            .as_any()
+            .downcast_ref::<PassthroughCache>()
+            .expect("pass-through")
+            .clone();
+        Ok(Box::new(Probe {
+            inner,
+            refuse_rewind: self.refuse_rewind,
+        }))
+    }
+    fn split_batch(&self, n: usize) -> Result<Vec<Box<dyn KvCacheBackend>>> {
+        Ok(self
+            .inner
+            .split_batch(n)?
+            .into_iter()
+            .map(|part| {
+                let inner = part
+                    .as_any()
+                    .downcast_ref::<PassthroughCache>()
+                    .expect("pass-through")
+                    .clone();
+                Box::new(Probe {
+                    inner,
+                    refuse_rewind: self.refuse_rewind,
+                }) as Box<dyn KvCacheBackend>
+            })
+            .collect())
+    }
+    fn usage(&self) -> LayerUsage {
+        self.inner.usage()
+    }
+    fn device(&self) -> Option<Device> {
+        self.inner.device()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn register_probes() {
+    register_kv_cache_backend(Arc::new(ProbeFactory {
+        name: "probe",
+        refuse_rewind: false,
+    }));
+    register_kv_cache_backend(Arc::new(ProbeFactory {
+        name: "probe-no-rewind",
+        refuse_rewind: true,
+    }));
+}
+
+/// Greedy tokens for each prompt: first one request at a time, then all at once.
+async fn run_all(cache: KvCacheChoice, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let engine = engine(cache).await;
+    let suppressed = suppressed();
+    let mut single = Vec::new();
+    for p in prompts {
+        single.push(
+            generate_greedy(&engine, p.clone(), NEW_TOKENS, &suppressed)
+                .await
+                .expect("generate"),
+        );
+    }
+    // join_all polls the requests together, so they reach the engine at the same time.
+    let concurrent = futures::future::join_all(
+        prompts
+            .iter()
+            .map(|p| generate_greedy(&engine, p.clone(), NEW_TOKENS, &suppressed)),
+    )
+    .await
+    .into_iter()
+    .collect::<anyhow::Result<Vec<_>>>()
+    .expect("generate");
+    (single, concurrent)
+}
+
+fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_backend_matches_the_default_cache_token_for_token() {
+    register_probes();
+    let tokenizer_engine = engine(KvCacheChoice::Default).await;
+    let mut prompts = Vec::new();
+    for text in passages() {
+        prompts.push(tokens(&tokenizer_engine, &text).await);
+    }
+    drop(tokenizer_engine);
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(
+        lengths.windows(2).all(|w| w[0] != w[1]),
+        "prompts must differ in length: {lengths:?}"
+    );
+
+    let (default_single, default_concurrent) = run_all(KvCacheChoice::Default, &prompts).await;
+    let (pass_single, pass_concurrent) = run_all(KvCacheChoice::passthrough(), &prompts).await;
+    let batches_before = MULTI_BATCHES.load(Ordering::SeqCst);
+    let (probe_single, probe_concurrent) =
+        run_all(KvCacheChoice::Backend("probe".into()), &prompts).await;
+    let batched = MULTI_BATCHES.load(Ordering::SeqCst) - batches_before;
+
+    for (i, reference) in default_single.iter().enumerate() {
+        assert_eq!(reference.len(), NEW_TOKENS);
+        for (label, got) in [
+            ("default, concurrent", &default_concurrent[i]),
+            ("pass-through, single", &pass_single[i]),
+            ("pass-through, concurrent", &pass_concurrent[i]),
+            ("probe, single", &probe_single[i]),
+            ("probe, concurrent", &probe_concurrent[i]),
+        ] {
+            assert_eq!(
+                got,
+                reference,
+                "prompt {i} ({} tokens), {label}: first difference at token {:?}",
+                lengths[i],
+                first_difference(got, reference)
+            );
+        }
+    }
+    assert!(
+        batched > 0,
+        "the concurrent requests were never batched through the backend (clone-in)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_bytes_match_the_analytic_size_for_both_caches() {
+    let prompt_len = 100;
+    let new_tokens = 20;
+    for cache in [KvCacheChoice::Default, KvCacheChoice::passthrough()] {
+        let engine = engine(cache.clone()).await;
+        let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 1000 + i).collect();
+        generate_greedy(&engine, prompt, new_tokens, &suppressed())
+            .await
+            .expect("generate");
+        let usage = kv_cache_usage()
+            .last_finished
+            .expect("a finished sequence was recorded");
+        // The last sampled token is never fed back, so it is not cached.
+        let cached = prompt_len + new_tokens - 1;
+        let expected = cached * smollm2_dense_bytes_per_token(4);
+        eprintln!(
+            "{}: {} tokens cached, {} bytes ({} per token); analytic f32 size {}",
+            cache.name(),
+            usage.tokens,
+            usage.bytes,
+            usage.bytes / usage.tokens.max(1),
+            expected
+        );
+        assert_eq!(usage.tokens, cached, "{}", cache.name());
+        assert_eq!(usage.bytes, expected, "{}", cache.name());
+        assert_eq!(usage.dense_bytes, expected, "{}", cache.name());
+        assert_eq!(usage.quantized_tokens, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_reuse_is_skipped_when_the_backend_refuses_to_rewind() {
+    register_probes();
+    let suppressed = suppressed();
+    let first: Vec<u32> = (0..48u32).map(|i| 2000 + 7 * i).collect();
+    // Shares 32 tokens with `first`, so reusing its cache needs a rewind from 55 to 32 tokens.
+    let mut second: Vec<u32> = first[..32].to_vec();
+    second.extend((0..9u32).map(|i| 9000 + i));
+
+    let reference = {
+        let engine = engine(KvCacheChoice::Default).await;
+        generate_greedy(&engine, second.clone(), 16, &suppressed)
+            .await
+            .expect("reference")
+    };
+
+    let engine = engine_with(KvCacheChoice::Backend("probe-no-rewind".into()), |o| {
+        o.prefix_cache_n = Some(16)
+    })
+    .await;
+    generate_greedy(&engine, first, 8, &suppressed)
+        .await
+        .expect("first request");
+    let refused_before = REFUSED_REWINDS.load(Ordering::SeqCst);
+    let got = generate_greedy(&engine, second, 16, &suppressed)
+        .await
+        .expect("second request");
+    let refused = REFUSED_REWINDS.load(Ordering::SeqCst) - refused_before;
+    assert!(refused > 0, "the prefix cacher never asked for a rewind");
+    assert_eq!(
+        got,
+        reference,
+        "output after a refused rewind differs from a fresh run at token {:?}",
+        first_difference(&got, &reference)
+    );
+}

@@ -1,0 +1,55 @@
+//! Shared helpers for the integration tests: the real default model, engines, prompts.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use mistralrs_core::MistralRs;
+use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
+use mistralrs_logquant::generate::{special_token_ids, tokenize};
+use mistralrs_logquant::model_source::ModelSource;
+
+/// SmolLM2-135M-Instruct, fetched and verified on first use.
+pub fn model() -> ModelSource {
+    ModelSource::default_model().expect("default model")
+}
+
+pub async fn engine(cache: KvCacheChoice) -> Arc<MistralRs> {
+    engine_with(cache, |_| {}).await
+}
+
+pub async fn engine_with(
+    cache: KvCacheChoice,
+    configure: impl FnOnce(&mut EngineOptions),
+) -> Arc<MistralRs> {
+    let mut options = EngineOptions::new(model(), cache);
+    configure(&mut options);
+    build_engine(&options).await.expect("engine")
+}
+
+pub fn suppressed() -> Vec<u32> {
+    special_token_ids(&model()).expect("special tokens")
+}
+
+/// Texts of different lengths from the shared long text (read-only test data).
+pub fn passages() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/kjv_genesis_exodus.txt"
+    ))
+    .expect("../shared/data/kjv_genesis_exodus.txt");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    [(200, 40), (5000, 55), (20000, 90)]
+        .iter()
+        .map(|&(start, len)| words[start..start + len].join(" "))
+        .collect()
+}
+
+pub async fn tokens(engine: &MistralRs, text: &str) -> Vec<u32> {
+    tokenize(engine, text).await.expect("tokenize")
+}
+
+/// Analytic bytes per token of the default cache of SmolLM2-135M at the given element size:
+/// 30 layers x (K + V) x 3 kv heads x 64 dims.
+pub fn smollm2_dense_bytes_per_token(elem_size: usize) -> usize {
+    30 * 2 * 3 * 64 * elem_size
+}

@@ -1,0 +1,311 @@
+//! The LogQuant backend without a model: layout, attention equivalence, batching, rewinds and
+//! byte accounting, against independent references (a replayed selection and textbook
+//! attention).
+
+use candle_core::{Device, Result, Tensor};
+use mistralrs_core::kv_cache_backend::{AttentionParams, KvCacheBackend};
+use mistralrs_logquant::backend::LogQuantCache;
+use mistralrs_logquant::config::{KeyGrouping, LogQuantConfig, PolicyKind};
+use mistralrs_logquant::policy::{Policy, Selection};
+use mistralrs_logquant::reference::{max_abs_diff, naive_attention, AttnShape};
+
+const Q_HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const DIM: usize = 16;
+const SCALE: f32 = 0.25;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn tensor(&mut self, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let data: Vec<f32> = (0..n).map(|_| self.next()).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+}
+
+fn params() -> AttentionParams {
+    AttentionParams {
+        n_kv_groups: Q_HEADS / KV_HEADS,
+        softmax_scale: SCALE,
+        softcap: None,
+    }
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Textbook attention over whatever K/V the backend hands to "the engine".
+fn naive_engine(q: &Tensor, k: &Tensor, v: &Tensor, _mask: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, q_heads, queries, dim) = q.dims4()?;
+    let (_, kv_heads, kv_len, _) = k.dims4()?;
+    let shape = AttnShape {
+        batch,
+        q_heads,
+        kv_heads,
+        queries,
+        cached: kv_len - queries,
+        dim,
+    };
+    let out = naive_attention(&host(q), &host(k), &host(v), shape, SCALE);
+    Tensor::from_vec(out, q.shape(), q.device())
+}
+
+/// Everything appended so far, per batch row, in original order: `[row][head][pos][dim]`.
+struct History {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl History {
+    fn new(batch: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); batch],
+            v: vec![Vec::new(); batch],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, k: &Tensor, v: &Tensor) {
+        let n = k.dims()[2];
+        for (b, (hk, hv)) in self.k.iter_mut().zip(self.v.iter_mut()).enumerate() {
+            let (nk, nv) = (host(&k.get(b).unwrap()), host(&v.get(b).unwrap()));
+            let mut k2 = Vec::new();
+            let mut v2 = Vec::new();
+            for h in 0..KV_HEADS {
+                k2.extend_from_slice(&hk[h * self.len * DIM..(h + 1) * self.len * DIM]);
+                k2.extend_from_slice(&nk[h * n * DIM..(h + 1) * n * DIM]);
+                v2.extend_from_slice(&hv[h * self.len * DIM..(h + 1) * self.len * DIM]);
+                v2.extend_from_slice(&nv[h * n * DIM..(h + 1) * n * DIM]);
+            }
+            *hk = k2;
+            *hv = v2;
+        }
+        self.len += n;
+    }
+}
+
+/// Drive a cache through a prefill and decode steps; at every decode step check that
+/// (1) full-precision rows are exact and quantized rows within half a quantization step,
+/// (2) the backend's attention equals textbook attention over the original order.
+fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usize, steps: usize) {
+    let mut rng = Rng(0xDEAD_BEEF ^ (prefill as u64) << 8 ^ batch as u64);
+    let mut cache = LogQuantCache::new(config, 100_000);
+    let mut replay = Selection::new(Policy::from_config(&config));
+    let mut evicted_order: Vec<usize> = Vec::new();
+    let mut history = History::new(batch);
+    let step_bound = 2.0 / ((1u32 << config.bits) - 1) as f32 / 2.0 * 1.001 + 1e-3;
+
+    for step in 0..=steps {
+        let n = if step == 0 { prefill } else { 1 };
+        let q = rng.tensor((batch, Q_HEADS, n, DIM)).unwrap();
+        let k = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        let v = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        let before: Vec<usize> = replay
+            .positions()
+            .iter()
+            .copied()
+            .chain(history.len..history.len + n)
+            .collect();
+        evicted_order.extend(replay.admit(n).into_iter().map(|i| before[i]));
+        history.push(&k, &v);
+        let out = cache
+            .append_and_attend(&q, &k, &v, None, &params(), &naive_engine)
+            .unwrap();
+        assert_eq!(cache.seq_len(), history.len);
+
+        // The layout: evicted rows in eviction order, then full-precision rows in order.
+        let layout: Vec<usize> = evicted_order
+            .iter()
+            .chain(replay.positions())
+            .copied()
+            .collect();
+        let len = history.len;
+        assert_eq!(layout.len(), len);
+        let (mk, mv) = cache.materialize().unwrap().expect("rows");
+        let (mk, mv) = (host(&mk), host(&mv));
+        let fp = cache.rows()[0].full_precision_positions().to_vec();
+        assert_eq!(fp, replay.positions(), "selection differs from the replayed policy");
+
+        // Rebuild K and V in original order from the layout and check each row.
+        let mut ok = vec![0f32; batch * KV_HEADS * len * DIM];
+        let mut ov = ok.clone();
+        for b in 0..batch {
+            for h in 0..KV_HEADS {
+                for (slot, &pos) in layout.iter().enumerate() {
+                    let src = ((b * KV_HEADS + h) * len + slot) * DIM;
+                    let dst = ((b * KV_HEADS + h) * len + pos) * DIM;
+                    let truth = (h * len + pos) * DIM;
+                    ok[dst..dst + DIM].copy_from_slice(&mk[src..src + DIM]);
+                    ov[dst..dst + DIM].copy_from_slice(&mv[src..src + DIM]);
+                    // Staged rows (evicted, waiting for a key group) are still exact.
+                    let exact = slot >= cache.rows()[b].quantized_tokens();
+                    for (got, want) in [
+                        (&mk[src..src + DIM], &history.k[b][truth..truth + DIM]),
+                        (&mv[src..src + DIM], &history.v[b][truth..truth + DIM]),
+                    ] {
+                        let (err, at, finite) = max_abs_diff(got, want);
+                        assert!(finite);
+                        if exact {
+                            assert_eq!(err, 0.0, "step {step}: full-precision row {pos} changed");
+                        } else {
+                            assert!(
+                                err <= step_bound,
+                                "step {step}: row {pos} channel {at} error {err} > {step_bound}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if step == 0 {
+            continue;
+        }
+        let shape = AttnShape {
+            batch,
+            q_heads: Q_HEADS,
+            kv_heads: KV_HEADS,
+            queries: 1,
+            cached: len - 1,
+            dim: DIM,
+        };
+        let want = naive_attention(&host(&q), &ok, &ov, shape, SCALE);
+        let (err, at, finite) = max_abs_diff(&host(&out), &want);
+        assert!(finite, "step {step}: non-finite output");
+        assert!(err < 1e-5, "step {step}: attention differs by {err} at {at}");
+    }
+}
+
+fn config(bits: u8, keys: KeyGrouping, policy: PolicyKind) -> LogQuantConfig {
+    LogQuantConfig {
+        bits,
+        window: 4,
+        group_size: 8,
+        key_grouping: keys,
+        policy,
+        recent: 12,
+        sink: 2,
+    }
+    .validate()
+    .unwrap()
+}
+
+#[test]
+fn position_agnostic_layout_matches_original_order_for_every_policy_and_grouping() {
+    for policy in [
+        PolicyKind::Logquant,
+        PolicyKind::Recent,
+        PolicyKind::SinkRecent,
+        PolicyKind::None,
+    ] {
+        for keys in [KeyGrouping::PerChannel, KeyGrouping::PerToken] {
+            for bits in [2, 4, 8] {
+                for (batch, prefill) in [(1, 1), (2, 17), (3, 40)] {
+                    check_layout_and_attention(config(bits, keys, policy), batch, prefill, 45);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prefill_attends_to_exact_rows() {
+    let mut rng = Rng(99);
+    let mut cache = LogQuantCache::new(config(2, KeyGrouping::PerChannel, PolicyKind::Logquant), 1000);
+    let (b, n) = (2, 33);
+    let q = rng.tensor((b, Q_HEADS, n, DIM)).unwrap();
+    let k = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
+    let v = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
+    let out = cache
+        .append_and_attend(&q, &k, &v, None, &params(), &naive_engine)
+        .unwrap();
+    let want = naive_engine(&q, &k, &v, None).unwrap();
+    assert_eq!(host(&out), host(&want));
+    assert!(cache.rows()[0].quantized_tokens() > 0, "prefill quantized nothing");
+}
+
+#[test]
+fn batching_round_trips_and_clones_share_quantized_blocks() {
+    let mut rng = Rng(5);
+    let cfg = config(2, KeyGrouping::PerChannel, PolicyKind::Logquant);
+    let mut a = LogQuantCache::new(cfg, 1000);
+    let mut b = LogQuantCache::new(cfg, 1000);
+    for cache in [&mut a, &mut b] {
+        let k = rng.tensor((1, KV_HEADS, 30, DIM)).unwrap();
+        cache.append(&k, &k).unwrap();
+    }
+    let batch = a.cat_batch(&[&b]).unwrap();
+    let parts = batch.split_batch(2).unwrap();
+    for (part, original) in parts.iter().zip([&a, &b]) {
+        let (pk, pv) = part.materialize().unwrap().unwrap();
+        let (ok, ov) = original.materialize().unwrap().unwrap();
+        assert_eq!(host(&pk), host(&ok));
+        assert_eq!(host(&pv), host(&ov));
+        let part = part.as_any().downcast_ref::<LogQuantCache>().unwrap();
+        let shared = part.rows()[0]
+            .chunks()
+            .iter()
+            .zip(original.rows()[0].chunks())
+            .all(|(x, y)| std::sync::Arc::ptr_eq(x, y));
+        assert!(shared, "clone-in / clone-out copied quantized blocks");
+    }
+    let snapshot = a.box_clone();
+    let k = rng.tensor((1, KV_HEADS, 1, DIM)).unwrap();
+    a.append(&k, &k).unwrap();
+    assert_eq!(snapshot.seq_len(), 30);
+    assert_eq!(a.seq_len(), 31);
+    assert!(batch.split_batch(3).is_err());
+}
+
+#[test]
+fn rewinds_are_refused_with_a_reason() {
+    let mut cache = LogQuantCache::new(LogQuantConfig::default(), 1000);
+    let k = Tensor::zeros((1, KV_HEADS, 10, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    cache.append(&k, &k).unwrap();
+    assert!(cache.try_set_len(10).is_ok());
+    let err = cache.try_set_len(4).unwrap_err().to_string();
+    assert!(err.contains("cannot change the cache from 10 to 4 tokens"), "{err}");
+    assert!(cache.set_len(11).is_err());
+}
+
+#[test]
+fn bytes_follow_the_memory_arithmetic() {
+    // SmolLM2's layer geometry: 3 kv heads x 64 dims, f32 activations.
+    let cfg = LogQuantConfig::default();
+    let mut cache = LogQuantCache::new(cfg, 10_000);
+    let tokens = 1000;
+    let k = Tensor::ones((1, 3, tokens, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    cache.append(&k, &k).unwrap();
+    let usage = cache.usage();
+    let row = &cache.rows()[0];
+    let quantized = row.quantized_tokens();
+    let full = row.full_precision_tokens();
+    assert_eq!(quantized + full, tokens);
+    assert_eq!(quantized % 64, 0, "per-channel keys quantize whole groups");
+    // 2-bit, G=64: codes 48 B + 3 groups x 4 B per head-row set = 60 B for K, 60 B for V.
+    let per_quantized = 120;
+    let per_full = 2 * 3 * 64 * 4;
+    assert_eq!(usage.bytes, quantized * per_quantized + full * per_full);
+    assert_eq!(usage.dense_bytes, tokens * per_full);
+    assert_eq!(usage.quantized_tokens, quantized);
+    assert_eq!(usage.full_precision_tokens, full);
+}
+
+#[test]
+fn group_size_that_does_not_divide_head_dim_is_a_clear_error() {
+    let cfg = LogQuantConfig {
+        group_size: 48,
+        ..Default::default()
+    };
+    let mut cache = LogQuantCache::new(cfg, 100);
+    let k = Tensor::zeros((1, 2, 3, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let err = cache.append(&k, &k).unwrap_err().to_string();
+    assert!(err.contains("group size 48 does not divide head_dim 64"), "{err}");
+}
