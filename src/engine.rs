@@ -127,6 +127,8 @@ pub struct EngineOptions {
     pub max_seqs: usize,
     /// Sequences kept for prefix-cache reuse; `None` turns the prefix cache off.
     pub prefix_cache_n: Option<usize>,
+    /// Seed of the device's random generator (accelerators only: candle's CPU device has
+    /// no seedable generator, and sampling here is seeded per request anyway).
     pub seed: Option<u64>,
 }
 
@@ -141,7 +143,7 @@ impl EngineOptions {
             cpu: true,
             max_seqs: 16,
             prefix_cache_n: None,
-            seed: Some(0),
+            seed: None,
         }
     }
 }
@@ -207,7 +209,7 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         .with_token_source(TokenSource::None)
         .with_max_seqs(options.max_seqs)
         .with_cpu(options.cpu)
-        .with_seed_optional(options.seed)
+        .with_seed_optional(options.seed.filter(|_| !options.cpu))
         .set_paged_attn(Some(false));
     builder = match options.prefix_cache_n {
         Some(n) => builder.with_prefix_cache_n(n),

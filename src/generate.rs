@@ -18,6 +18,7 @@ use mistralrs_core::{
 };
 
 use crate::model_source::ModelSource;
+use mistralrs_core::kv_cache_backend::{kv_cache_usage, LayerUsage};
 
 /// Picks the most likely token that is not suppressed, and records it.
 struct GreedyChooser {
@@ -117,6 +118,101 @@ pub async fn generate_greedy(
         bail!("asked for {max_new} tokens, the engine generated {}", chosen.len());
     }
     Ok(chosen)
+}
+
+/// What one teacher-forced step saw.
+#[derive(Debug, Clone)]
+pub struct ScoredStep {
+    /// Natural-log probability of the reference token.
+    pub logprob: f64,
+    /// The most likely token.
+    pub argmax: u32,
+    /// The whole log-softmax distribution, when asked for.
+    pub distribution: Option<Vec<f32>>,
+}
+
+/// Records each step's distribution, then forces the reference token.
+struct TeacherForcer {
+    targets: Vec<u32>,
+    keep_distributions: bool,
+    steps: Mutex<Vec<ScoredStep>>,
+}
+
+impl CustomLogitsProcessor for TeacherForcer {
+    fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
+        let values = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&target) = self.targets.get(steps.len()) else {
+            candle_core::bail!("teacher forcing ran past its {} targets", self.targets.len());
+        };
+        let log_softmax = log_softmax(&values);
+        let argmax = log_softmax
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+        steps.push(ScoredStep {
+            logprob: log_softmax[target as usize] as f64,
+            argmax,
+            distribution: self.keep_distributions.then_some(log_softmax),
+        });
+        let mut forced = vec![f32::NEG_INFINITY; values.len()];
+        forced[target as usize] = 0.0;
+        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
+/// log-softmax in f64 accumulation.
+pub fn log_softmax(values: &[f32]) -> Vec<f32> {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = values.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let log_z = max + sum.ln();
+    values.iter().map(|&x| (x as f64 - log_z) as f32).collect()
+}
+
+/// Score `targets` after `prefix` through the decode path: the prefix is prefilled, then every
+/// target token is predicted in its own cached decode step (attending to whatever the cache
+/// holds) and forced as the next input.
+pub async fn score_teacher_forced(
+    engine: &MistralRs,
+    prefix: Vec<u32>,
+    targets: Vec<u32>,
+    keep_distributions: bool,
+) -> Result<Vec<ScoredStep>> {
+    if prefix.is_empty() || targets.is_empty() {
+        bail!("teacher forcing needs a non-empty prefix and targets");
+    }
+    let n = targets.len();
+    let forcer = Arc::new(TeacherForcer {
+        targets,
+        keep_distributions,
+        steps: Mutex::new(Vec::with_capacity(n)),
+    });
+    run_request(engine, prefix, n, forcer.clone()).await?;
+    let steps = std::mem::take(&mut *forcer.steps.lock().unwrap_or_else(|e| e.into_inner()));
+    if steps.len() != n {
+        bail!("scored {} of {n} tokens (the sequence ended early)", steps.len());
+    }
+    Ok(steps)
+}
+
+/// Usage of the next sequence to finish after `finished_before` sequences had finished (see
+/// [`kv_cache_usage`]): the engine releases a sequence just after answering it, so this waits
+/// up to two seconds for the release.
+pub async fn usage_of_next_finished(finished_before: usize) -> Option<LayerUsage> {
+    for _ in 0..200 {
+        let usage = kv_cache_usage();
+        if usage.finished_sequences > finished_before {
+            return usage.last_finished;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Number of sequences finished so far (for [`usage_of_next_finished`]).
+pub fn finished_sequences() -> usize {
+    kv_cache_usage().finished_sequences
 }
 
 /// Token ids of `text` (no special tokens added).

