@@ -14,7 +14,8 @@ use mistralrs_core::kv_cache_backend::{
     KvCacheBackendFactory, LayerUsage,
 };
 
-use crate::config::LogQuantConfig;
+use crate::config::{AttentionKernel, LogQuantConfig};
+use crate::kernels::cpu::attend_decode;
 use crate::store::SeqLayerStore;
 
 /// Registry name of the LogQuant backend.
@@ -127,12 +128,19 @@ impl KvCacheBackend for LogQuantCache {
         k: &Tensor,
         v: &Tensor,
         mask: Option<&Tensor>,
-        _params: &AttentionParams,
+        params: &AttentionParams,
         engine: &EngineAttention<'_>,
     ) -> Result<Tensor> {
         if k.dim(2)? == 1 {
             // Decode: the policy compresses first, then the new token attends to the cache.
             self.admit(k, v)?;
+            let fused = self.config.kernel == AttentionKernel::Fused
+                && q.device().is_cpu()
+                && mask.is_none()
+                && params.softcap.is_none();
+            if fused {
+                return attend_decode(q, &self.rows, params.softmax_scale);
+            }
             let (k_all, v_all) = self.materialize_like(k)?.expect("cache holds the new token");
             return engine(q, &k_all, &v_all, mask);
         }

@@ -76,6 +76,33 @@ impl std::str::FromStr for KeyGrouping {
     }
 }
 
+/// How decode attention reads the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionKernel {
+    /// On the CPU, attend over the packed codes directly (no dequantized copy).
+    Fused,
+    /// Dequantize into one block and use mistral.rs's attention (every device).
+    Portable,
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        Ok(match s {
+            "fused" => Self::Fused,
+            "portable" => Self::Portable,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    field: "kernel",
+                    value: s.to_string(),
+                    allowed: "fused, portable",
+                })
+            }
+        })
+    }
+}
+
 /// A configuration value that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -105,6 +132,8 @@ pub struct LogQuantConfig {
     pub recent: usize,
     /// First tokens kept by `sink-recent`.
     pub sink: usize,
+    /// Decode attention: fused over the codes (CPU) or portable.
+    pub kernel: AttentionKernel,
 }
 
 impl Default for LogQuantConfig {
@@ -117,6 +146,7 @@ impl Default for LogQuantConfig {
             policy: PolicyKind::Logquant,
             recent: 126,
             sink: 4,
+            kernel: AttentionKernel::Fused,
         }
     }
 }
@@ -184,7 +214,14 @@ impl LogQuantConfig {
             KeyGrouping::PerChannel => "per-channel",
             KeyGrouping::PerToken => "per-token",
         };
-        format!("{policy}, {}-bit, G={}, keys {keys}", self.bits, self.group_size)
+        let kernel = match self.kernel {
+            AttentionKernel::Fused => "",
+            AttentionKernel::Portable => ", portable",
+        };
+        format!(
+            "{policy}, {}-bit, G={}, keys {keys}{kernel}",
+            self.bits, self.group_size
+        )
     }
 }
 

@@ -52,7 +52,7 @@ impl CustomLogitsProcessor for GreedyChooser {
 }
 
 /// Send one completion request for `prompt` and wait for it to finish.
-async fn run_request(
+pub(crate) async fn run_request(
     engine: &MistralRs,
     prompt: Vec<u32>,
     max_new: usize,

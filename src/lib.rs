@@ -24,11 +24,13 @@
 //! [mistral.rs]: https://github.com/EricLBuehler/mistral.rs
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod generate;
+pub mod kernels;
 pub mod model_source;
 pub mod passthrough;
 pub mod policy;

@@ -21,6 +21,7 @@ async fn main() {
         Command::Serve(args) => cli::serve::serve(args).await,
         Command::Run(args) => cli::run::run(args).await,
         Command::Eval(args) => cli::eval::eval(args).await,
+        Command::Bench(args) => cli::bench::run(args).await,
     };
     if let Err(err) = result {
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();

@@ -97,54 +97,72 @@ async fn two_bit_default_setting_writes_fluent_text() {
     assert!(distinct >= 16, "2-bit continuation repeats itself: {distinct} distinct tokens");
 }
 
+/// Bytes of a LogQuant cache (2-bit, G=64) on SmolLM2 from the engine's token counts: 3,600
+/// bytes per quantized token (30 layers x K and V x 3 heads x (64 two-bit codes + one 16-bit
+/// scale and min)), the activation dtype for full-precision and staged tokens.
+fn analytic_bytes(quantized: usize, full_precision: usize, elem: usize) -> usize {
+    quantized * 3600 + full_precision * smollm2_dense_bytes_per_token(elem)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     let prompt = long_prompts(&[4095]).await.remove(0);
     let suppressed = suppressed();
-    for (dtype, elem) in [(Dtype::F16, 2usize), (Dtype::F32, 4)] {
-        let lq = engine_with(KvCacheChoice::LogQuant(LogQuantConfig::default()), |o| {
-            o.dtype = dtype
-        })
-        .await;
-        let finished = finished_sequences();
-        generate_greedy(&lq, prompt.clone(), 2, &suppressed)
-            .await
-            .unwrap();
-        let usage = usage_of_next_finished(finished).await.expect("usage");
-        assert_eq!(usage.tokens, 4096);
-        // Analytic: 3,600 bytes per quantized token (2-bit, G=64, 16-bit scale+min), and the
-        // activation dtype for the full-precision and staged tokens (30 layers).
-        let quantized_per_token = 3600;
-        let expected = usage.quantized_tokens * quantized_per_token
-            + usage.full_precision_tokens * smollm2_dense_bytes_per_token(elem);
-        assert_eq!(usage.bytes, expected, "{usage:?}");
-        assert_eq!(usage.dense_bytes, 4096 * smollm2_dense_bytes_per_token(elem));
-        let sixteen_bit = 4096 * smollm2_dense_bytes_per_token(2);
-        let ratio = sixteen_bit as f64 / usage.bytes as f64;
-        eprintln!(
-            "{dtype:?}: {} bytes for 4096 tokens ({} full precision, {} quantized): {:.2}x below \
-             the 16-bit default cache, {:.2}x below the default cache in this dtype",
-            usage.bytes,
-            usage.full_precision_tokens,
-            usage.quantized_tokens,
-            ratio,
-            usage.dense_bytes as f64 / usage.bytes as f64
-        );
-        if dtype == Dtype::F16 {
-            assert!(ratio >= 5.0, "only {ratio:.2}x below the 16-bit default cache");
-        }
-    }
-    // Keys per token (the reference's grouping) have the same byte cost.
+    // f32 activations (this crate's CPU default): prefill 4096 tokens and read the counter.
+    let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::default())).await;
+    let finished = finished_sequences();
+    generate_greedy(&lq, prompt.clone(), 2, &suppressed).await.unwrap();
+    let usage = usage_of_next_finished(finished).await.expect("usage");
+    drop(lq);
+    assert_eq!(usage.tokens, 4096);
+    let (q, f) = (usage.quantized_tokens, usage.full_precision_tokens);
+    assert_eq!(q + f, 4096);
+    assert_eq!(usage.bytes, analytic_bytes(q, f, 4), "{usage:?}");
+    assert_eq!(usage.dense_bytes, 4096 * smollm2_dense_bytes_per_token(4));
+    // A 16-bit model holds the same tokens the same way, with 2-byte full-precision rows.
+    let sixteen_bit_default = 4096 * smollm2_dense_bytes_per_token(2);
+    let ratio_16 = sixteen_bit_default as f64 / analytic_bytes(q, f, 2) as f64;
+    let ratio_f32 = usage.dense_bytes as f64 / usage.bytes as f64;
+    eprintln!(
+        "4096 tokens: {f} full precision, {q} quantized; f32: {} bytes, {ratio_f32:.2}x below the \
+         f32 default cache; 16-bit: {:.2}x below the 16-bit default cache",
+        usage.bytes, ratio_16
+    );
+    assert!(ratio_16 >= 5.0, "only {ratio_16:.2}x below the 16-bit default cache");
+    assert!(ratio_f32 >= 10.0, "only {ratio_f32:.2}x below the f32 default cache");
+
+    // The counter in a 16-bit run (shorter: f16 prefill is slow on the CPU).
+    let short = prompt[..511].to_vec();
+    let lq = engine_with(KvCacheChoice::LogQuant(LogQuantConfig::default()), |o| {
+        o.dtype = Dtype::F16
+    })
+    .await;
+    let finished = finished_sequences();
+    generate_greedy(&lq, short, 2, &suppressed).await.unwrap();
+    let usage = usage_of_next_finished(finished).await.expect("usage");
+    assert_eq!(usage.tokens, 512);
+    assert_eq!(
+        usage.bytes,
+        analytic_bytes(usage.quantized_tokens, usage.full_precision_tokens, 2),
+        "{usage:?}"
+    );
+    assert_eq!(usage.dense_bytes, 512 * smollm2_dense_bytes_per_token(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_token_keys_need_no_staging() {
+    let prompt = long_prompts(&[1023]).await.remove(0);
     let per_token = LogQuantConfig {
         key_grouping: KeyGrouping::PerToken,
         ..Default::default()
     };
-    let lq = engine_with(KvCacheChoice::LogQuant(per_token), |o| o.dtype = Dtype::F16).await;
+    let lq = engine(KvCacheChoice::LogQuant(per_token)).await;
     let finished = finished_sequences();
-    generate_greedy(&lq, prompt, 2, &suppressed).await.unwrap();
+    generate_greedy(&lq, prompt, 2, &suppressed()).await.unwrap();
     let usage = usage_of_next_finished(finished).await.expect("usage");
-    // No staging: after the eager prefill of 4095 tokens 2W + (4095 - 2W) mod W stay, and
-    // the decode step adds one.
-    let after_prefill = 2 * 42 + (4095 - 2 * 42) % 42;
+    // After the eager prefill of 1023 tokens 2W + (1023 - 2W) mod W stay (W = 42), and the
+    // decode step adds one; every evicted token is quantized at once.
+    let after_prefill = 2 * 42 + (1023 - 2 * 42) % 42;
     assert_eq!(usage.full_precision_tokens, after_prefill + 1, "{usage:?}");
+    assert_eq!(usage.quantized_tokens, 1024 - after_prefill - 1);
 }

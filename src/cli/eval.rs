@@ -49,6 +49,10 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
         let mut args = cache.clone();
         args.kv_cache = Some(name.to_string());
         match name {
+            "logquant-portable" => {
+                args.kv_cache = Some("logquant".into());
+                args.kv_kernel = Some("portable".into());
+            }
             "logquant" | "recent" | "sink-recent" | "none" => {
                 args.kv_cache = Some("logquant".into());
                 if name != "logquant" {
@@ -59,8 +63,8 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
             }
             "default" | "passthrough" => {}
             other => bail!(
-                "invalid value `{other}` for --configs (allowed: default, logquant, recent, \
-                 sink-recent, none, passthrough, optionally with :BITS)"
+                "invalid value `{other}` for --configs (allowed: default, logquant, \
+                 logquant-portable, recent, sink-recent, none, passthrough, optionally with :BITS)"
             ),
         }
         if let Some(bits) = bits {

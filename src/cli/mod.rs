@@ -1,5 +1,6 @@
 //! The `mistralrs-logquant` command line: raw flags, turned into validated options in one place.
 
+pub mod bench;
 pub mod eval;
 pub mod run;
 pub mod serve;
@@ -10,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
+use crate::config::{AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
 use crate::engine::{Dtype, EngineOptions, KvCacheChoice};
 use crate::model_source::ModelSource;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Teacher-forced quality through the decode path, against the default cache.
     Eval(eval::EvalArgs),
+    /// Decode speed and KV memory against the default cache.
+    Bench(bench::BenchArgs),
 }
 
 /// Which model, on which device, in which dtype (names as in the `mistralrs` CLI).
@@ -81,6 +84,10 @@ pub struct CacheArgs {
     /// First tokens kept by the sink-recent policy. [default: 4]
     #[arg(long)]
     pub kv_sink: Option<usize>,
+    /// Decode attention: fused (reads the 2-bit codes directly, CPU) or portable
+    /// (dequantize, then mistral.rs's attention). [default: fused]
+    #[arg(long)]
+    pub kv_kernel: Option<String>,
     /// A TOML file with `kv-cache = "..."` and a `[logquant]` table of the same options
     /// (bits, window, group-size, key-grouping, policy, recent, sink).
     #[arg(long)]
@@ -153,6 +160,9 @@ impl CacheArgs {
         }
         if let Some(v) = self.kv_sink {
             config.sink = v;
+        }
+        if let Some(v) = &self.kv_kernel {
+            config.kernel = v.parse::<AttentionKernel>().map_err(flag_error)?;
         }
         let choice: KvCacheChoice = name.parse()?;
         Ok(match choice {
@@ -249,6 +259,7 @@ mod tests {
             (&["--kv-cache", "zip"], "--kv-cache"),
             (&["--kv-config", "/nonexistent/kv.toml"], "--kv-config"),
             (&["--kv-bits", "x"], "--kv-bits"),
+            (&["--kv-kernel", "gpu"], "--kv-kernel"),
         ];
         for (args, flag) in cases {
             let err = parse(args).unwrap_err().to_string();
