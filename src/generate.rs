@@ -23,28 +23,35 @@ use mistralrs_core::kv_cache_backend::{kv_cache_usage, LayerUsage};
 /// Picks the most likely token that is not suppressed, and records it.
 struct GreedyChooser {
     suppressed: HashSet<u32>,
-    chosen: Mutex<Vec<u32>>,
+    chosen: Mutex<Vec<(u32, f32)>>,
 }
 
 impl CustomLogitsProcessor for GreedyChooser {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
         let values = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut best: Option<(usize, f32)> = None;
+        let mut second = f32::NEG_INFINITY;
         for (i, &x) in values.iter().enumerate() {
             if self.suppressed.contains(&(i as u32)) || x.is_nan() {
                 continue;
             }
-            if best.is_none_or(|(_, b)| x > b) {
-                best = Some((i, x));
+            match best {
+                Some((_, b)) if x <= b => second = second.max(x),
+                _ => {
+                    if let Some((_, b)) = best {
+                        second = second.max(b);
+                    }
+                    best = Some((i, x));
+                }
             }
         }
-        let Some((token, _)) = best else {
+        let Some((token, top)) = best else {
             candle_core::bail!("no token can be chosen: every logit is suppressed or NaN");
         };
         self.chosen
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(token as u32);
+            .push((token as u32, top - second));
         let mut forced = vec![f32::NEG_INFINITY; values.len()];
         forced[token] = 0.0;
         Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
@@ -104,6 +111,21 @@ pub async fn generate_greedy(
     max_new: usize,
     suppressed: &[u32],
 ) -> Result<Vec<u32>> {
+    Ok(generate_greedy_with_margins(engine, prompt, max_new, suppressed)
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect())
+}
+
+/// [`generate_greedy`], with each step's margin: the chosen logit minus the runner-up's. A
+/// small margin is a near-tie that any rounding difference may flip.
+pub async fn generate_greedy_with_margins(
+    engine: &MistralRs,
+    prompt: Vec<u32>,
+    max_new: usize,
+    suppressed: &[u32],
+) -> Result<Vec<(u32, f32)>> {
     let chooser = Arc::new(GreedyChooser {
         suppressed: suppressed.iter().copied().collect(),
         chosen: Mutex::new(Vec::with_capacity(max_new)),
