@@ -141,7 +141,9 @@ impl KvCacheBackend for LogQuantCache {
             if fused {
                 return attend_decode(q, &self.rows, params.softmax_scale);
             }
-            let (k_all, v_all) = self.materialize_like(k)?.expect("cache holds the new token");
+            let (k_all, v_all) = self
+                .materialize_like(k)?
+                .expect("cache holds the new token");
             return engine(q, &k_all, &v_all, mask);
         }
         // Prefill or a chunk: attend with the exact new rows after the cached ones (the layout
@@ -215,7 +217,9 @@ impl KvCacheBackend for LogQuantCache {
 
     fn split_batch(&self, n: usize) -> Result<Vec<Box<dyn KvCacheBackend>>> {
         if self.rows.is_empty() {
-            return Ok((0..n).map(|_| self.from_rows(Vec::new()).box_clone()).collect());
+            return Ok((0..n)
+                .map(|_| self.from_rows(Vec::new()).box_clone())
+                .collect());
         }
         if self.rows.len() != n {
             candle_core::bail!(

@@ -102,12 +102,21 @@ async fn decode_run(
         })
         .collect();
     let runs = prompts.iter().zip(&stampers).map(|(p, s)| {
-        run_request(engine, p.clone(), decode, s.clone() as Arc<dyn CustomLogitsProcessor>)
+        run_request(
+            engine,
+            p.clone(),
+            decode,
+            s.clone() as Arc<dyn CustomLogitsProcessor>,
+        )
     });
     for r in futures::future::join_all(runs).await {
         r?;
     }
-    let stamps = stampers[0].stamps.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let stamps = stampers[0]
+        .stamps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     if stamps.len() != decode {
         bail!("decoded {} of {decode} tokens", stamps.len());
     }
@@ -188,7 +197,10 @@ pub fn table(rows: &[BenchRow]) -> String {
             format!("{:.2}x", r.decode_tokens_per_s / b.decode_tokens_per_s)
         });
         let mem = base.map_or("-".to_string(), |b| {
-            format!("{:.2}x smaller", b.cache_bytes as f64 / r.cache_bytes.max(1) as f64)
+            format!(
+                "{:.2}x smaller",
+                b.cache_bytes as f64 / r.cache_bytes.max(1) as f64
+            )
         });
         out.push_str(&format!(
             "| {} | {} | {} | {:.2} | {} | {} | {} |\n",
@@ -222,6 +234,9 @@ mod tests {
             peak_rss_kb: None,
         };
         let t = table(&[row("default", 10.0, 1000), row("lq", 15.0, 100)]);
-        assert!(t.contains("| lq | 1024 | 1 | 15.00 | 1.50x | 100 | 10.00x smaller |"), "{t}");
+        assert!(
+            t.contains("| lq | 1024 | 1 | 15.00 | 1.50x | 100 | 10.00x smaller |"),
+            "{t}"
+        );
     }
 }

@@ -205,7 +205,10 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     };
     select_kv_cache_backend(backend).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut builder = MistralRsForServerBuilder::new()
-        .with_model(model_selected(&options.model, options.dtype.to_model_dtype())?)
+        .with_model(model_selected(
+            &options.model,
+            options.dtype.to_model_dtype(),
+        )?)
         .with_token_source(TokenSource::None)
         .with_max_seqs(options.max_seqs)
         .with_cpu(options.cpu)

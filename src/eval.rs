@@ -113,7 +113,11 @@ pub async fn evaluate(
         let targets = tokens
             [window.start + window.prefill..window.start + window.prefill + window.score]
             .to_vec();
-        progress(&format!("scoring {} tokens with {}", window.score, config.label()));
+        progress(&format!(
+            "scoring {} tokens with {}",
+            window.score,
+            config.label()
+        ));
         let finished = finished_sequences();
         let steps = score_teacher_forced(&engine, prefix, targets, true).await?;
         let usage = usage_of_next_finished(finished).await.unwrap_or_default();

@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use either::Either;
 use mistralrs_core::{
-    Constraint, CustomLogitsProcessor, MistralRs, NormalRequest, Request, RequestMessage,
-    Response, SamplingParams, TokenizationRequest,
+    Constraint, CustomLogitsProcessor, MistralRs, NormalRequest, Request, RequestMessage, Response,
+    SamplingParams, TokenizationRequest,
 };
 
 use crate::model_source::ModelSource;
@@ -28,7 +28,10 @@ struct GreedyChooser {
 
 impl CustomLogitsProcessor for GreedyChooser {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
-        let values = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let values = logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut best: Option<(usize, f32)> = None;
         let mut second = f32::NEG_INFINITY;
         for (i, &x) in values.iter().enumerate() {
@@ -111,11 +114,13 @@ pub async fn generate_greedy(
     max_new: usize,
     suppressed: &[u32],
 ) -> Result<Vec<u32>> {
-    Ok(generate_greedy_with_margins(engine, prompt, max_new, suppressed)
-        .await?
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect())
+    Ok(
+        generate_greedy_with_margins(engine, prompt, max_new, suppressed)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect(),
+    )
 }
 
 /// [`generate_greedy`], with each step's margin: the chosen logit minus the runner-up's. A
@@ -137,7 +142,10 @@ pub async fn generate_greedy_with_margins(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     if chosen.len() != max_new {
-        bail!("asked for {max_new} tokens, the engine generated {}", chosen.len());
+        bail!(
+            "asked for {max_new} tokens, the engine generated {}",
+            chosen.len()
+        );
     }
     Ok(chosen)
 }
@@ -162,10 +170,16 @@ struct TeacherForcer {
 
 impl CustomLogitsProcessor for TeacherForcer {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
-        let values = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let values = logits
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
         let Some(&target) = self.targets.get(steps.len()) else {
-            candle_core::bail!("teacher forcing ran past its {} targets", self.targets.len());
+            candle_core::bail!(
+                "teacher forcing ran past its {} targets",
+                self.targets.len()
+            );
         };
         let log_softmax = log_softmax(&values);
         let argmax = log_softmax
@@ -213,7 +227,10 @@ pub async fn score_teacher_forced(
     run_request(engine, prefix, n, forcer.clone()).await?;
     let steps = std::mem::take(&mut *forcer.steps.lock().unwrap_or_else(|e| e.into_inner()));
     if steps.len() != n {
-        bail!("scored {} of {n} tokens (the sequence ended early)", steps.len());
+        bail!(
+            "scored {} of {n} tokens (the sequence ended early)",
+            steps.len()
+        );
     }
     Ok(steps)
 }

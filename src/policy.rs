@@ -77,9 +77,7 @@ impl Selection {
         // (position, index into the extended list)
         let mut list: Vec<(usize, usize)> = self.positions.iter().copied().zip(0..).collect();
         let old = list.len();
-        let new: Vec<(usize, usize)> = (0..n)
-            .map(|i| (self.next_position + i, old + i))
-            .collect();
+        let new: Vec<(usize, usize)> = (0..n).map(|i| (self.next_position + i, old + i)).collect();
         self.next_position += n;
         let mut evicted = Vec::new();
         match self.policy {
@@ -269,14 +267,21 @@ mod tests {
             let steps = rng.below(10 * w);
             let mut s = logquant(w);
             let evicted = s.admit(prefill);
-            assert_eq!(s.positions(), eager_prefill(prefill, w).as_slice(), "W={w} L={prefill}");
+            assert_eq!(
+                s.positions(),
+                eager_prefill(prefill, w).as_slice(),
+                "W={w} L={prefill}"
+            );
             assert_eq!(evicted.len() % w, 0);
             assert_eq!(prefill - evicted.len(), s.positions().len());
             let mut compressed = prefill >= 3 * w;
             for _ in 0..steps {
                 let before = s.positions().len();
                 let evicted = s.admit(1);
-                assert!(evicted.is_empty() || evicted.len() == w, "W={w}: {evicted:?}");
+                assert!(
+                    evicted.is_empty() || evicted.len() == w,
+                    "W={w}: {evicted:?}"
+                );
                 compressed |= !evicted.is_empty();
                 let n = s.positions().len();
                 assert_eq!(n, before + 1 - evicted.len());

@@ -209,7 +209,10 @@ impl QuantBlock {
         let mut unpacked = vec![0u8; dim];
         let params = match grouping {
             Grouping::PerToken { group } => {
-                assert!(group > 0 && dim % group == 0, "group {group} must divide dim {dim}");
+                assert!(
+                    group > 0 && dim % group == 0,
+                    "group {group} must divide dim {dim}"
+                );
                 let mut params = Vec::with_capacity(heads * tokens * (dim / group));
                 for (row, out) in x.chunks(dim).zip(codes.chunks_mut(row_bytes)) {
                     for (g, c) in row.chunks(group).zip(unpacked.chunks_mut(group)) {
@@ -225,10 +228,7 @@ impl QuantBlock {
                     let head = &x[h * tokens * dim..(h + 1) * tokens * dim];
                     let first = params.len();
                     for c in 0..dim {
-                        params.push(group_params(
-                            (0..tokens).map(|t| head[t * dim + c]),
-                            bits,
-                        ));
+                        params.push(group_params((0..tokens).map(|t| head[t * dim + c]), bits));
                     }
                     let head_params = &params[first..];
                     for t in 0..tokens {
@@ -279,7 +279,11 @@ impl QuantBlock {
 
     /// Reconstruct into `out`, laid out `[head][token][dim]`.
     pub fn dequantize_into(&self, out: &mut [f32]) {
-        assert_eq!(out.len(), self.heads * self.tokens * self.dim, "output shape");
+        assert_eq!(
+            out.len(),
+            self.heads * self.tokens * self.dim,
+            "output shape"
+        );
         let mut codes = vec![0u8; self.dim];
         for h in 0..self.heads {
             for t in 0..self.tokens {
@@ -311,7 +315,10 @@ mod tests {
 
     #[test]
     fn spec_vectors() {
-        assert_eq!(roundtrip(&[0.0, 1.0, 2.0, 3.0], 2), (vec![0, 1, 2, 3], vec![0.0, 1.0, 2.0, 3.0]));
+        assert_eq!(
+            roundtrip(&[0.0, 1.0, 2.0, 3.0], 2),
+            (vec![0, 1, 2, 3], vec![0.0, 1.0, 2.0, 3.0])
+        );
         assert_eq!(
             roundtrip(&[-1.0, 0.2, 0.5, 2.0], 2),
             (vec![0, 1, 2, 3], vec![-1.0, 0.0, 1.0, 2.0])
@@ -387,7 +394,9 @@ mod tests {
                 assert!(c <= max_code(bits));
                 let err = (v - dequantize_value(c, p)).abs();
                 // f32 rounding of code * scale + min, relative to the values involved.
-                let slack = 4.0 * f32::EPSILON * (v.abs() + p.min.to_f32().abs() + p.scale.to_f32() * max_code(bits) as f32);
+                let slack = 4.0
+                    * f32::EPSILON
+                    * (v.abs() + p.min.to_f32().abs() + p.scale.to_f32() * max_code(bits) as f32);
                 assert!(
                     err <= half_step + slack,
                     "case {case} bits {bits} index {i}: |{v} - x_hat| = {err} > {half_step}"
@@ -400,7 +409,9 @@ mod tests {
     fn packing_round_trips_for_every_width() {
         let mut rng = Rng(7);
         for bits in [2u8, 4, 8] {
-            let codes: Vec<u8> = (0..256).map(|_| (rng.next() as u8) & max_code(bits)).collect();
+            let codes: Vec<u8> = (0..256)
+                .map(|_| (rng.next() as u8) & max_code(bits))
+                .collect();
             let mut packed = vec![0u8; codes.len() / codes_per_byte(bits)];
             pack(&codes, bits, &mut packed);
             let mut back = vec![0u8; codes.len()];
@@ -423,12 +434,18 @@ mod tests {
             for bits in [2u8, 4, 8] {
                 let mut codes = vec![0u8; x.len()];
                 let p = quantize_group(&x, bits, &mut codes);
-                assert!(p.scale.to_f32().is_finite() && p.min.to_f32().is_finite(), "{x:?}");
+                assert!(
+                    p.scale.to_f32().is_finite() && p.min.to_f32().is_finite(),
+                    "{x:?}"
+                );
                 for (&v, &c) in x.iter().zip(&codes) {
                     let hat = dequantize_value(c, p);
                     assert!(hat.is_finite(), "{x:?} -> {hat}");
                     let err = (sanitize(v) - hat).abs();
-                    assert!(err <= p.scale.to_f32() / 2.0 + 1e-3 * sanitize(v).abs().max(1e-6), "{x:?}: {v} -> {hat}");
+                    assert!(
+                        err <= p.scale.to_f32() / 2.0 + 1e-3 * sanitize(v).abs().max(1e-6),
+                        "{x:?}: {v} -> {hat}"
+                    );
                 }
             }
         }

@@ -94,7 +94,13 @@ mod tests {
             dim: 2,
         };
         // Two rows with equal scores (q orthogonal to both keys): the output is the mean of v.
-        let out = naive_attention(&[1.0, 0.0], &[0.0, 1.0, 0.0, 2.0], &[2.0, 4.0, 6.0, 8.0], shape, 1.0);
+        let out = naive_attention(
+            &[1.0, 0.0],
+            &[0.0, 1.0, 0.0, 2.0],
+            &[2.0, 4.0, 6.0, 8.0],
+            shape,
+            1.0,
+        );
         assert_eq!(out, vec![4.0, 6.0]);
     }
 }

@@ -178,15 +178,14 @@ async fn run_all(
     let blocker = passages().join(" ").repeat(2000);
     for group in groups {
         let busy = mistralrs_logquant::generate::tokenize(&engine, &blocker);
-        let group_requests = async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            futures::future::join_all(
-                group
-                    .iter()
-                    .map(|&i| generate_greedy(&engine, prompts[i].clone(), NEW_TOKENS, &suppressed)),
-            )
-            .await
-        };
+        let group_requests =
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                futures::future::join_all(group.iter().map(|&i| {
+                    generate_greedy(&engine, prompts[i].clone(), NEW_TOKENS, &suppressed)
+                }))
+                .await
+            };
         let (busy, results) = tokio::join!(busy, group_requests);
         busy.expect("blocker");
         for (&i, result) in group.iter().zip(results) {
@@ -238,8 +237,16 @@ async fn passthrough_backend_matches_the_default_cache_token_for_token() {
         for (label, got, reference) in [
             ("pass-through, single", &pass_single[i], &default_single[i]),
             ("probe, single", &probe_single[i], &default_single[i]),
-            ("pass-through, concurrent", &pass_concurrent[i], &default_concurrent[i]),
-            ("probe, concurrent", &probe_concurrent[i], &default_concurrent[i]),
+            (
+                "pass-through, concurrent",
+                &pass_concurrent[i],
+                &default_concurrent[i],
+            ),
+            (
+                "probe, concurrent",
+                &probe_concurrent[i],
+                &default_concurrent[i],
+            ),
         ] {
             assert_eq!(
                 got,
@@ -251,11 +258,18 @@ async fn passthrough_backend_matches_the_default_cache_token_for_token() {
         }
         // Concurrent and single runs may part ways after a near-tie (batched GEMMs round
         // differently), but never at once: that was a real batching bug (rows mixed up).
-        let agree = first_difference(&default_concurrent[i], &default_single[i]).unwrap_or(NEW_TOKENS);
-        assert!(agree >= 8, "prompt {i}: batched run differs from single at token {agree}");
+        let agree =
+            first_difference(&default_concurrent[i], &default_single[i]).unwrap_or(NEW_TOKENS);
+        assert!(
+            agree >= 8,
+            "prompt {i}: batched run differs from single at token {agree}"
+        );
     }
     // The engine clones caches in only when the batch changes, and out after every step.
-    assert!(batched >= 30, "no multi-sequence clone-in reached the backend");
+    assert!(
+        batched >= 30,
+        "no multi-sequence clone-in reached the backend"
+    );
     // 30 layers x (prefill + NEW_TOKENS - 1 decode steps) of the equal-length pair.
     assert!(
         batched_attention >= 30 * NEW_TOKENS,

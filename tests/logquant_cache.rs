@@ -132,7 +132,11 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
         let (mk, mv) = cache.materialize().unwrap().expect("rows");
         let (mk, mv) = (host(&mk), host(&mv));
         let fp = cache.rows()[0].full_precision_positions().to_vec();
-        assert_eq!(fp, replay.positions(), "selection differs from the replayed policy");
+        assert_eq!(
+            fp,
+            replay.positions(),
+            "selection differs from the replayed policy"
+        );
 
         // Rebuild K and V in original order from the layout and check each row.
         let mut ok = vec![0f32; batch * KV_HEADS * len * DIM];
@@ -235,7 +239,10 @@ fn position_agnostic_layout_matches_original_order_for_every_policy_and_grouping
 #[test]
 fn prefill_attends_to_exact_rows() {
     let mut rng = Rng(99);
-    let mut cache = LogQuantCache::new(config(2, KeyGrouping::PerChannel, PolicyKind::Logquant), 1000);
+    let mut cache = LogQuantCache::new(
+        config(2, KeyGrouping::PerChannel, PolicyKind::Logquant),
+        1000,
+    );
     let (b, n) = (2, 33);
     let q = rng.tensor((b, Q_HEADS, n, DIM)).unwrap();
     let k = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
@@ -245,7 +252,10 @@ fn prefill_attends_to_exact_rows() {
         .unwrap();
     let want = naive_engine(&q, &k, &v, None).unwrap();
     assert_eq!(host(&out), host(&want));
-    assert!(cache.rows()[0].quantized_tokens() > 0, "prefill quantized nothing");
+    assert!(
+        cache.rows()[0].quantized_tokens() > 0,
+        "prefill quantized nothing"
+    );
 }
 
 #[test]
@@ -288,7 +298,10 @@ fn rewinds_are_refused_with_a_reason() {
     cache.append(&k, &k).unwrap();
     assert!(cache.try_set_len(10).is_ok());
     let err = cache.try_set_len(4).unwrap_err().to_string();
-    assert!(err.contains("cannot change the cache from 10 to 4 tokens"), "{err}");
+    assert!(
+        err.contains("cannot change the cache from 10 to 4 tokens"),
+        "{err}"
+    );
     assert!(cache.set_len(11).is_err());
 }
 
@@ -324,7 +337,10 @@ fn group_size_that_does_not_divide_head_dim_is_a_clear_error() {
     let mut cache = LogQuantCache::new(cfg, 100);
     let k = Tensor::zeros((1, 2, 3, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = cache.append(&k, &k).unwrap_err().to_string();
-    assert!(err.contains("group size 48 does not divide head_dim 64"), "{err}");
+    assert!(
+        err.contains("group size 48 does not divide head_dim 64"),
+        "{err}"
+    );
 }
 
 /// The fused kernel against textbook attention over the dequantized layout, on edge cases:
@@ -334,11 +350,35 @@ fn group_size_that_does_not_divide_head_dim_is_a_clear_error() {
 fn fused_kernel_matches_the_reference_on_edge_cases() {
     let mut rng = Rng(77);
     for (bits, keys, prefill, constant, dtype) in [
-        (2, KeyGrouping::PerChannel, 1, false, candle_core::DType::F32),
+        (
+            2,
+            KeyGrouping::PerChannel,
+            1,
+            false,
+            candle_core::DType::F32,
+        ),
         (2, KeyGrouping::PerToken, 1, true, candle_core::DType::F32),
-        (4, KeyGrouping::PerChannel, 13, true, candle_core::DType::F16),
-        (8, KeyGrouping::PerToken, 131, false, candle_core::DType::F16),
-        (2, KeyGrouping::PerChannel, 113, false, candle_core::DType::BF16),
+        (
+            4,
+            KeyGrouping::PerChannel,
+            13,
+            true,
+            candle_core::DType::F16,
+        ),
+        (
+            8,
+            KeyGrouping::PerToken,
+            131,
+            false,
+            candle_core::DType::F16,
+        ),
+        (
+            2,
+            KeyGrouping::PerChannel,
+            113,
+            false,
+            candle_core::DType::BF16,
+        ),
     ] {
         let cfg = LogQuantConfig {
             kernel: AttentionKernel::Fused,
@@ -357,7 +397,11 @@ fn fused_kernel_matches_the_reference_on_edge_cases() {
         let v = make(&mut rng, (1, KV_HEADS, prefill, DIM));
         cache.append(&k, &v).unwrap();
         for step in 0..9 {
-            let q = rng.tensor((1, Q_HEADS, 1, DIM)).unwrap().to_dtype(dtype).unwrap();
+            let q = rng
+                .tensor((1, Q_HEADS, 1, DIM))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
             let k = make(&mut rng, (1, KV_HEADS, 1, DIM));
             let v = make(&mut rng, (1, KV_HEADS, 1, DIM));
             let out = cache
@@ -368,8 +412,15 @@ fn fused_kernel_matches_the_reference_on_edge_cases() {
             let to_f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
             let want = naive_engine(&to_f32(&q), &to_f32(&mk), &to_f32(&mv), None).unwrap();
             let (err, at, finite) = max_abs_diff(&host(&to_f32(&out)), &host(&want));
-            let tolerance = if dtype == candle_core::DType::F32 { 1e-4 } else { 1e-2 };
-            assert!(finite && err < tolerance, "bits {bits} {keys:?} prefill {prefill} step {step} {dtype:?}: error {err} at {at}");
+            let tolerance = if dtype == candle_core::DType::F32 {
+                1e-4
+            } else {
+                1e-2
+            };
+            assert!(
+                finite && err < tolerance,
+                "bits {bits} {keys:?} prefill {prefill} step {step} {dtype:?}: error {err} at {at}"
+            );
         }
     }
 }

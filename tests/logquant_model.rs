@@ -71,7 +71,9 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
         let mut full_agreement = 0;
         for (start, prompt, reference) in &cases {
             let finished = finished_sequences();
-            let got = generate_greedy(&lq, prompt.clone(), 32, &suppressed).await.unwrap();
+            let got = generate_greedy(&lq, prompt.clone(), 32, &suppressed)
+                .await
+                .unwrap();
             let usage = usage_of_next_finished(finished).await.expect("usage");
             assert!(usage.quantized_tokens >= 128, "{usage:?}");
             match got.iter().zip(reference).position(|(a, (b, _))| a != b) {
@@ -88,7 +90,10 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
             }
         }
         eprintln!("{kernel:?}: {full_agreement} of 12 windows agree for all 32 tokens");
-        assert!(full_agreement >= 3, "{kernel:?}: only {full_agreement} of 12 windows agree for 32 tokens");
+        assert!(
+            full_agreement >= 3,
+            "{kernel:?}: only {full_agreement} of 12 windows agree for 32 tokens"
+        );
     }
 }
 
@@ -142,7 +147,9 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     // f32 activations (this crate's CPU default): prefill 4096 tokens and read the counter.
     let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::default())).await;
     let finished = finished_sequences();
-    generate_greedy(&lq, prompt.clone(), 2, &suppressed).await.unwrap();
+    generate_greedy(&lq, prompt.clone(), 2, &suppressed)
+        .await
+        .unwrap();
     let usage = usage_of_next_finished(finished).await.expect("usage");
     drop(lq);
     assert_eq!(usage.tokens, 4096);
@@ -159,9 +166,15 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
          f32 default cache; 16-bit: {:.2}x below the 16-bit default cache",
         usage.bytes, ratio_16
     );
-    assert!(ratio_16 >= 5.0, "only {ratio_16:.2}x below the 16-bit default cache");
+    assert!(
+        ratio_16 >= 5.0,
+        "only {ratio_16:.2}x below the 16-bit default cache"
+    );
     // 3,968 quantized tokens at 3,600 B and 128 f32 rows at 46,080 B: 9.35x below f32.
-    assert!(ratio_f32 >= 9.0, "only {ratio_f32:.2}x below the f32 default cache");
+    assert!(
+        ratio_f32 >= 9.0,
+        "only {ratio_f32:.2}x below the f32 default cache"
+    );
 
     // The counter in a 16-bit run (shorter: f16 prefill is slow on the CPU).
     let short = prompt[..511].to_vec();
@@ -190,7 +203,9 @@ async fn per_token_keys_need_no_staging() {
     };
     let lq = engine(KvCacheChoice::LogQuant(per_token)).await;
     let finished = finished_sequences();
-    generate_greedy(&lq, prompt, 2, &suppressed()).await.unwrap();
+    generate_greedy(&lq, prompt, 2, &suppressed())
+        .await
+        .unwrap();
     let usage = usage_of_next_finished(finished).await.expect("usage");
     // After the eager prefill of 1023 tokens 2W + (1023 - 2W) mod W stay (W = 42), and the
     // decode step adds one; every evicted token is quantized at once.

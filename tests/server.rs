@@ -88,7 +88,10 @@ impl Server {
     }
 }
 
-fn chat_request(text: &str, max_tokens: u32) -> async_openai::types::chat::CreateChatCompletionRequest {
+fn chat_request(
+    text: &str,
+    max_tokens: u32,
+) -> async_openai::types::chat::CreateChatCompletionRequest {
     CreateChatCompletionRequestArgs::default()
         .model("default")
         .max_completion_tokens(max_tokens)
@@ -106,8 +109,16 @@ fn chat_request(text: &str, max_tokens: u32) -> async_openai::types::chat::Creat
 async fn chat_both_ways(server: &Server) -> (String, String) {
     let client = server.client();
     let prompt = "Name three large rivers of Europe.";
-    let response = client.chat().create(chat_request(prompt, 24)).await.unwrap();
-    let plain = response.choices[0].message.content.clone().unwrap_or_default();
+    let response = client
+        .chat()
+        .create(chat_request(prompt, 24))
+        .await
+        .unwrap();
+    let plain = response.choices[0]
+        .message
+        .content
+        .clone()
+        .unwrap_or_default();
     let mut stream = client
         .chat()
         .create_stream(chat_request(prompt, 24))
@@ -133,19 +144,33 @@ async fn openai_client_gets_chat_completions_from_both_caches() {
         let (plain, streamed) = chat_both_ways(&server).await;
         eprintln!("{cache}: {plain:?}");
         assert!(plain.split_whitespace().count() >= 3, "{cache}: {plain:?}");
-        assert_eq!(plain, streamed, "{cache}: streamed and plain greedy replies differ");
+        assert_eq!(
+            plain, streamed,
+            "{cache}: streamed and plain greedy replies differ"
+        );
         let models = server.get_json("/v1/models").await;
         assert!(!models["data"].as_array().unwrap().is_empty(), "{models}");
         let report = server.get_json("/v1/kv-cache").await;
         assert_eq!(report["backend"], cache, "{report}");
-        let health = reqwest::get(format!("{}/health", server.base)).await.unwrap();
+        let health = reqwest::get(format!("{}/health", server.base))
+            .await
+            .unwrap();
         assert!(health.status().is_success());
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_requests_are_all_answered_and_quantize() {
-    let server = Server::start(&["--kv-cache", "logquant"]);
+    // A small window and group, so that short prompts are quantized too: prefill of the Q4_1
+    // model is slow on the CPU (candle has no SIMD kernel for Q4_1), so prompts stay short.
+    let server = Server::start(&[
+        "--kv-cache",
+        "logquant",
+        "--kv-window",
+        "8",
+        "--kv-group-size",
+        "16",
+    ]);
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shared/data/kjv_genesis_exodus.txt"
@@ -154,10 +179,10 @@ async fn sixteen_concurrent_requests_are_all_answered_and_quantize() {
     let words: Vec<&str> = text.split_whitespace().collect();
     let client = server.client();
     let requests = (0..16).map(|i| {
-        // Prompt lengths from about 40 to 280 tokens: the longer ones pass 3W = 126 tokens.
+        // Prompt lengths from about 20 to 80 tokens, all different; most pass 3W = 24.
         let prompt = format!(
             "Continue this text: {}",
-            words[i * 500..i * 500 + 20 + i * 12].join(" ")
+            words[i * 500..i * 500 + 8 + i * 3].join(" ")
         );
         let client = client.clone();
         async move { client.chat().create(chat_request(&prompt, 16)).await }
@@ -177,7 +202,7 @@ async fn sixteen_concurrent_requests_are_all_answered_and_quantize() {
     // The engine releases finished sequences at its next scheduling pass: one more request,
     // then wait until nothing is live.
     let _ = client.chat().create(chat_request("Say hello.", 4)).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let report = loop {
         let report = server.get_json("/v1/kv-cache").await;
         if report["live_sequences"] == 0 || Instant::now() > deadline {
@@ -187,9 +212,14 @@ async fn sixteen_concurrent_requests_are_all_answered_and_quantize() {
     };
     eprintln!("{report:#}");
     assert_eq!(report["live_sequences"], 0, "{report}");
-    assert!(report["finished_sequences"].as_u64().unwrap() >= 17, "{report}");
+    assert!(
+        report["finished_sequences"].as_u64().unwrap() >= 17,
+        "{report}"
+    );
     assert!(report["peak_live_bytes"].as_u64().unwrap() > 0, "{report}");
-    let quantized = report["finished_total"]["quantized_tokens"].as_u64().unwrap();
+    let quantized = report["finished_total"]["quantized_tokens"]
+        .as_u64()
+        .unwrap();
     assert!(quantized > 0, "no quantized tokens reported: {report}");
 }
 
@@ -214,7 +244,10 @@ async fn bad_input_gets_4xx_and_the_server_keeps_serving() {
     for (path, body) in cases {
         let (status, text) = server.post(path, body.clone()).await;
         let short: String = body.chars().take(60).collect();
-        assert!((400..500).contains(&status), "{short}: status {status}: {text}");
+        assert!(
+            (400..500).contains(&status),
+            "{short}: status {status}: {text}"
+        );
         assert!(!text.trim().is_empty(), "{short}: empty error body");
         // The server still answers a good request after each bad one.
         let ok = server
@@ -276,7 +309,10 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
         (&["--dtype", "f8"], "--dtype"),
         (&["--port", "99999"], "--port"),
         (&["--max-seqs", "0"], "--max-seqs"),
-        (&["--model-id", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+        (
+            &["--model-id", "/nonexistent/model.gguf"],
+            "/nonexistent/model.gguf",
+        ),
         (&["--prefix-cache-n", "4"], "--prefix-cache-n"),
         (&["--host", "not an address"], "--host"),
     ];

@@ -18,7 +18,11 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
     /// Configurations, comma-separated (as in `eval`); the default cache always runs first.
-    #[arg(long, default_value = "default,logquant-portable,logquant", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "default,logquant-portable,logquant",
+        value_delimiter = ','
+    )]
     pub configs: Vec<String>,
     /// Prompt lengths in tokens, comma-separated.
     #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
@@ -40,7 +44,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     configs.insert(0, KvCacheChoice::Default);
     args.model.validate()?;
     if args.contexts.iter().any(|&c| c == 0 || c >= 8192) {
-        bail!("invalid value for --contexts (allowed: 1 to 8191 tokens: the model's context is 8192)");
+        bail!(
+            "invalid value for --contexts (allowed: 1 to 8191 tokens: the model's context is 8192)"
+        );
     }
     if args.batches.iter().any(|&b| b == 0) {
         bail!("invalid value `0` for --batches (allowed: integers >= 1)");

@@ -22,7 +22,11 @@ pub struct EvalArgs {
     /// Cache configurations, comma-separated: default, logquant, recent, sink-recent, none,
     /// passthrough; `NAME:BITS` sets the bit width (e.g. logquant:8). The default cache is
     /// always measured first, as the reference.
-    #[arg(long, default_value = "default,logquant,recent,none", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "default,logquant,recent,none",
+        value_delimiter = ','
+    )]
     pub configs: Vec<String>,
     /// Tokens of the text to skip before the window.
     #[arg(long, default_value_t = 20000)]
@@ -68,9 +72,9 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
             ),
         }
         if let Some(bits) = bits {
-            let bits: u8 = bits
-                .parse()
-                .map_err(|_| anyhow::anyhow!("invalid bits `{bits}` in --configs entry `{entry}`"))?;
+            let bits: u8 = bits.parse().map_err(|_| {
+                anyhow::anyhow!("invalid bits `{bits}` in --configs entry `{entry}`")
+            })?;
             args.kv_bits = Some(bits);
         }
         out.push(args.resolve()?);

@@ -243,7 +243,10 @@ mod tests {
             parse(&[]).unwrap(),
             KvCacheChoice::LogQuant(LogQuantConfig::default())
         );
-        assert_eq!(parse(&["--kv-cache", "default"]).unwrap(), KvCacheChoice::Default);
+        assert_eq!(
+            parse(&["--kv-cache", "default"]).unwrap(),
+            KvCacheChoice::Default
+        );
     }
 
     #[test]
@@ -254,8 +257,14 @@ mod tests {
             (&["--kv-group-size", "6"], "--kv-group-size"),
             (&["--kv-key-grouping", "diagonal"], "--kv-key-grouping"),
             (&["--kv-policy", "oldest"], "--kv-policy"),
-            (&["--kv-policy", "recent", "--kv-recent", "0"], "--kv-recent"),
-            (&["--kv-policy", "sink-recent", "--kv-sink", "0"], "--kv-sink"),
+            (
+                &["--kv-policy", "recent", "--kv-recent", "0"],
+                "--kv-recent",
+            ),
+            (
+                &["--kv-policy", "sink-recent", "--kv-sink", "0"],
+                "--kv-sink",
+            ),
             (&["--kv-cache", "zip"], "--kv-cache"),
             (&["--kv-config", "/nonexistent/kv.toml"], "--kv-config"),
             (&["--kv-bits", "x"], "--kv-bits"),
@@ -264,7 +273,11 @@ mod tests {
         for (args, flag) in cases {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(flag), "{args:?}: {err}");
-            assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+            assert_eq!(
+                err.trim().lines().count(),
+                1,
+                "{args:?}: not one line: {err}"
+            );
         }
     }
 

@@ -40,7 +40,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let options = args.model.engine_options(cache.clone()).await?;
     let model = Model::new(build_engine(&options).await?);
-    eprintln!("{} with the {} KV cache", options.model.model_id(), cache.label());
+    eprintln!(
+        "{} with the {} KV cache",
+        options.model.model_id(),
+        cache.label()
+    );
 
     let mut history: Vec<(TextMessageRole, String)> = Vec::new();
     if let Some(prompt) = &args.input {

@@ -11,8 +11,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
-use mistralrs_core::MistralRs;
 use clap::Args;
+use mistralrs_core::MistralRs;
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use serde_json::json;
 
@@ -164,7 +164,8 @@ async fn validate_request(
             );
         }
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {

@@ -116,7 +116,9 @@ fn block_scores(
             let qsums: Vec<f32> = (0..groups)
                 .flat_map(|g| {
                     let q = &queries[g * dim..(g + 1) * dim];
-                    q.chunks(group).map(|c| c.iter().sum::<f32>()).collect::<Vec<_>>()
+                    q.chunks(group)
+                        .map(|c| c.iter().sum::<f32>())
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             for t in 0..block.tokens {
@@ -149,7 +151,8 @@ fn block_scores(
             for t in 0..block.tokens {
                 unpack_row(block.row(head, t), block.bits, codes);
                 for g in 0..groups {
-                    scores[g][offset + t] = (dot(&qs[g * dim..(g + 1) * dim], codes) + qm[g]) * scale;
+                    scores[g][offset + t] =
+                        (dot(&qs[g * dim..(g + 1) * dim], codes) + qm[g]) * scale;
                 }
             }
         }
@@ -210,7 +213,16 @@ fn attend_head(
     let mut codes = vec![0f32; dim];
     let mut offset = 0;
     for chunk in store.chunks() {
-        block_scores(&chunk.k, head, queries, groups, scale, &mut scores, offset, &mut codes);
+        block_scores(
+            &chunk.k,
+            head,
+            queries,
+            groups,
+            scale,
+            &mut scores,
+            offset,
+            &mut codes,
+        );
         offset += chunk.tokens();
     }
     for (k, _, n) in dense {
@@ -282,7 +294,8 @@ pub fn attend_decode(q: &Tensor, rows: &[SeqLayerStore], scale: f32) -> Result<T
         .into_par_iter()
         .map(|i| {
             let (bi, h) = (i / kv_heads, i % kv_heads);
-            let qh = &qf[(bi * q_heads + h * groups) * dim..(bi * q_heads + (h + 1) * groups) * dim];
+            let qh =
+                &qf[(bi * q_heads + h * groups) * dim..(bi * q_heads + (h + 1) * groups) * dim];
             attend_head(&rows[bi], &dense[bi], h, qh, groups, dim, scale)
         })
         .collect();
