@@ -28,10 +28,7 @@ impl CustomLogitsProcessor for Stamper {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Instant::now());
-        let mut values = logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut values = crate::generate::host_logits(logits)?;
         for (v, s) in values.iter_mut().zip(&self.suppressed) {
             if *s {
                 *v = f32::NEG_INFINITY;

@@ -20,6 +20,21 @@ use mistralrs_core::{
 use crate::model_source::ModelSource;
 use mistralrs_core::kv_cache_backend::{kv_cache_usage, LayerUsage};
 
+/// A step's logits on the host, as f32.
+pub(crate) fn host_logits(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
+    logits
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// Logits that leave the sampler no choice but `token`.
+fn forced_logits(logits: &Tensor, token: usize) -> candle_core::Result<Tensor> {
+    let mut forced = vec![f32::NEG_INFINITY; logits.elem_count()];
+    forced[token] = 0.0;
+    Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+}
+
 /// Picks the most likely token that is not suppressed, and records it.
 struct GreedyChooser {
     suppressed: HashSet<u32>,
@@ -28,10 +43,7 @@ struct GreedyChooser {
 
 impl CustomLogitsProcessor for GreedyChooser {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
-        let values = logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let values = host_logits(logits)?;
         let mut best: Option<(usize, f32)> = None;
         let mut second = f32::NEG_INFINITY;
         for (i, &x) in values.iter().enumerate() {
@@ -55,9 +67,7 @@ impl CustomLogitsProcessor for GreedyChooser {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((token as u32, top - second));
-        let mut forced = vec![f32::NEG_INFINITY; values.len()];
-        forced[token] = 0.0;
-        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+        forced_logits(logits, token)
     }
 }
 
@@ -170,10 +180,7 @@ struct TeacherForcer {
 
 impl CustomLogitsProcessor for TeacherForcer {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
-        let values = logits
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let values = host_logits(logits)?;
         let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
         let Some(&target) = self.targets.get(steps.len()) else {
             candle_core::bail!(
@@ -192,9 +199,7 @@ impl CustomLogitsProcessor for TeacherForcer {
             argmax,
             distribution: self.keep_distributions.then_some(log_softmax),
         });
-        let mut forced = vec![f32::NEG_INFINITY; values.len()];
-        forced[target as usize] = 0.0;
-        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+        forced_logits(logits, target as usize)
     }
 }
 
