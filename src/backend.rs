@@ -112,7 +112,7 @@ impl LogQuantCache {
         Ok(Some((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?)))
     }
 
-    fn from_rows(&self, rows: Vec<SeqLayerStore>) -> Self {
+    fn with_rows(&self, rows: Vec<SeqLayerStore>) -> Self {
         Self {
             config: self.config,
             max_seq_len: self.max_seq_len,
@@ -212,13 +212,13 @@ impl KvCacheBackend for LogQuantCache {
             }
             rows.extend(part.rows.iter().cloned());
         }
-        Ok(Box::new(self.from_rows(rows)))
+        Ok(Box::new(self.with_rows(rows)))
     }
 
     fn split_batch(&self, n: usize) -> Result<Vec<Box<dyn KvCacheBackend>>> {
         if self.rows.is_empty() {
             return Ok((0..n)
-                .map(|_| self.from_rows(Vec::new()).box_clone())
+                .map(|_| self.with_rows(Vec::new()).box_clone())
                 .collect());
         }
         if self.rows.len() != n {
@@ -230,7 +230,7 @@ impl KvCacheBackend for LogQuantCache {
         Ok(self
             .rows
             .iter()
-            .map(|row| Box::new(self.from_rows(vec![row.clone()])) as Box<dyn KvCacheBackend>)
+            .map(|row| Box::new(self.with_rows(vec![row.clone()])) as Box<dyn KvCacheBackend>)
             .collect())
     }
 

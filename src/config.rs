@@ -165,7 +165,7 @@ impl LogQuantConfig {
         if self.policy == PolicyKind::Logquant && self.window == 0 {
             return Err(invalid("window", "0".into(), "an integer >= 1"));
         }
-        if self.group_size == 0 || self.group_size % 4 != 0 {
+        if self.group_size == 0 || !self.group_size.is_multiple_of(4) {
             return Err(invalid(
                 "group-size",
                 self.group_size.to_string(),
@@ -183,7 +183,7 @@ impl LogQuantConfig {
 
     /// Check the parts that depend on the model's head dimension.
     pub fn validate_for_head_dim(&self, head_dim: usize) -> Result<(), ConfigError> {
-        if head_dim % self.group_size != 0 {
+        if !head_dim.is_multiple_of(self.group_size) {
             return Err(ConfigError::GroupSizeVsHeadDim {
                 group_size: self.group_size,
                 head_dim,

@@ -210,7 +210,7 @@ impl QuantBlock {
         let params = match grouping {
             Grouping::PerToken { group } => {
                 assert!(
-                    group > 0 && dim % group == 0,
+                    group > 0 && dim.is_multiple_of(group),
                     "group {group} must divide dim {dim}"
                 );
                 let mut params = Vec::with_capacity(heads * tokens * (dim / group));

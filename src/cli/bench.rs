@@ -48,7 +48,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             "invalid value for --contexts (allowed: 1 to 8191 tokens: the model's context is 8192)"
         );
     }
-    if args.batches.iter().any(|&b| b == 0) {
+    if args.batches.contains(&0) {
         bail!("invalid value `0` for --batches (allowed: integers >= 1)");
     }
     let options = args.model.engine_options(KvCacheChoice::Default).await?;

@@ -96,8 +96,13 @@ fn host_rows(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Staged and full-precision rows of one sequence as host f32: `(k, v, tokens)` per part.
+type DenseRows = Vec<(Vec<f32>, Vec<f32>, usize)>;
+
 /// Scores of `queries` (`groups` query heads of one kv head, `[group][dim]`) against the rows of
 /// one quantized key block, written to `scores[group][offset..offset + tokens]`.
+// The scratch row and output slice are the caller's, so the per-token loop allocates nothing.
+#[allow(clippy::too_many_arguments)]
 fn block_scores(
     block: &QuantBlock,
     head: usize,
@@ -201,7 +206,7 @@ fn block_values(
 /// `queries` is `[group][dim]`; returns `[group][dim]`.
 fn attend_head(
     store: &SeqLayerStore,
-    dense: &[(Vec<f32>, Vec<f32>, usize)],
+    dense: &DenseRows,
     head: usize,
     queries: &[f32],
     groups: usize,
@@ -279,7 +284,7 @@ pub fn attend_decode(q: &Tensor, rows: &[SeqLayerStore], scale: f32) -> Result<T
     let groups = q_heads / kv_heads;
     let qf = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     // Staged and full-precision rows as host f32, per batch row: (k, v, tokens).
-    let dense: Vec<Vec<(Vec<f32>, Vec<f32>, usize)>> = rows
+    let dense: Vec<DenseRows> = rows
         .iter()
         .map(|row| {
             [row.staged(), row.full()]
