@@ -2,7 +2,11 @@
 //! process, same prompts, end-of-sequence suppressed so every run decodes the asked length.
 //!
 //! Step times come from the engine itself: a logits processor stamps the time at every
-//! sampling step, so a decode step's time is the gap between two stamps (prefill excluded).
+//! sampling step, so a decode step's time is the gap between two stamps, and prefill is the
+//! time from sending the requests to the first stamp.
+//!
+//! With a KV-memory budget, each configuration also runs at the largest batch whose caches fit
+//! the budget ([`largest_fitting_batch`]), and reports the aggregate decode throughput there.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use mistralrs_core::{CustomLogitsProcessor, MistralRs};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{finished_sequences, run_request, special_token_ids, usage_of_next_finished};
@@ -39,11 +43,14 @@ impl CustomLogitsProcessor for Stamper {
 }
 
 /// One measured cell.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchRow {
     pub config: String,
     pub context: usize,
     pub batch: usize,
+    /// Prompt tokens of the whole batch per second of prefill (one measurement).
+    #[serde(default)]
+    pub prefill_tokens_per_s: f64,
     /// Median seconds of one decode step of the whole batch.
     pub median_step_s: f64,
     /// `batch / median_step_s`.
@@ -51,8 +58,86 @@ pub struct BenchRow {
     /// KV-cache bytes of one sequence at the end, and the default cache's for the same tokens.
     pub cache_bytes: usize,
     pub dense_cache_bytes: usize,
-    /// Peak resident memory of the process so far (kB), from /proc.
+    /// Peak resident memory of the process during this cell (kB), from /proc; the peak is
+    /// reset before each cell (Linux), so it includes the model but not earlier cells.
     pub peak_rss_kb: Option<u64>,
+}
+
+/// The largest batch the budget allows for one configuration, and its throughput there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetRow {
+    pub config: String,
+    pub context: usize,
+    pub budget_bytes: usize,
+    /// KV-cache bytes of one sequence at its longest (prompt plus decoded tokens).
+    pub bytes_per_sequence: usize,
+    /// 0 when not even one sequence fits.
+    pub batch: usize,
+    /// True when `--budget-max-batch` stopped the search before the budget did.
+    pub capped: bool,
+    /// Decode tokens per second of the whole batch (median step).
+    pub aggregate_tokens_per_s: f64,
+}
+
+/// The largest `batch` in `1..=max_batch` with `cost(batch) <= budget`, for a cost that does
+/// not decrease with the batch (`None` when batch 1 does not fit). Binary search, so a
+/// measured cost can be expensive.
+pub fn largest_fitting_batch(
+    budget: usize,
+    max_batch: usize,
+    cost: impl Fn(usize) -> usize,
+) -> Option<usize> {
+    if max_batch == 0 || cost(1) > budget {
+        return None;
+    }
+    // Invariant: cost(lo) fits; every batch above hi does not fit (or is above the cap).
+    let (mut lo, mut hi) = (1, max_batch);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if cost(mid) <= budget {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}
+
+/// Parse a byte size: `123`, `96MiB`, `1.5GiB`, `500MB`, `2G` (binary for `K`/`M`/`G` alone).
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid size `{s}` (examples: 96MiB, 1.5GiB, 500MB)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            bail!("invalid unit `{other}` in size `{s}` (allowed: B, KB, MB, GB, KiB, MiB, GiB)")
+        }
+    };
+    Ok((value * scale).round() as usize)
+}
+
+/// Return freed heap to the OS and restart the peak-RSS counter (Linux; no-op elsewhere), so
+/// the next [`peak_rss_kb`] is the peak of what follows.
+pub fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    // "5" resets VmHWM to the current RSS (proc(5), clear_refs).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Peak resident set size of this process, in kB (Linux).
@@ -81,14 +166,21 @@ pub fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
-/// Run `batch` equal-length sequences of `context` prompt tokens and `decode` new tokens each;
-/// returns the per-step durations of the first sequence.
+/// What one batch run measured.
+struct RunTimes {
+    /// From sending the requests to the first sampled token of the last sequence.
+    prefill: Duration,
+    /// Decode steps of the first sequence.
+    steps: Vec<Duration>,
+}
+
+/// Run `batch` equal-length sequences of `context` prompt tokens and `decode` new tokens each.
 async fn decode_run(
     engine: &MistralRs,
     prompts: &[Vec<u32>],
     decode: usize,
     suppressed: &[bool],
-) -> Result<Vec<Duration>> {
+) -> Result<RunTimes> {
     let stampers: Vec<Arc<Stamper>> = prompts
         .iter()
         .map(|_| {
@@ -98,6 +190,7 @@ async fn decode_run(
             })
         })
         .collect();
+    let started = Instant::now();
     let runs = prompts.iter().zip(&stampers).map(|(p, s)| {
         run_request(
             engine,
@@ -109,36 +202,101 @@ async fn decode_run(
     for r in futures::future::join_all(runs).await {
         r?;
     }
-    let stamps = stampers[0]
-        .stamps
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    if stamps.len() != decode {
-        bail!("decoded {} of {decode} tokens", stamps.len());
+    let stamps: Vec<Vec<Instant>> = stampers
+        .iter()
+        .map(|s| s.stamps.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .collect();
+    if let Some(short) = stamps.iter().find(|s| s.len() != decode) {
+        bail!("decoded {} of {decode} tokens", short.len());
     }
-    // The first stamp ends the prefill; every later gap is one decode step.
-    Ok(stamps.windows(2).map(|w| w[1] - w[0]).collect())
+    // The first stamp ends a sequence's prefill; every later gap is one decode step.
+    let prefill_end = stamps.iter().filter_map(|s| s.first()).max();
+    Ok(RunTimes {
+        prefill: prefill_end.map_or(Duration::ZERO, |t| *t - started),
+        steps: stamps[0].windows(2).map(|w| w[1] - w[0]).collect(),
+    })
 }
 
-/// Measure every (configuration, context, batch) cell.
+/// Token-id prompts of identical length, different content per sequence (the scheduler
+/// batches only equal lengths). Ids avoid the special range.
+fn prompts(batch: usize, context: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| {
+            (0..context)
+                .map(|i| 1000 + ((i * 7919 + b * 104729) % 40000) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// One cell: run, then read the engine's usage counter for the first finished sequence.
+async fn measure(
+    engine: &MistralRs,
+    label: &str,
+    context: usize,
+    batch: usize,
+    decode: usize,
+    suppressed: &[bool],
+) -> Result<BenchRow> {
+    reset_peak_rss();
+    let finished = finished_sequences();
+    let times = decode_run(engine, &prompts(batch, context), decode, suppressed).await?;
+    let usage = usage_of_next_finished(finished).await.unwrap_or_default();
+    let mut secs: Vec<f64> = times.steps.iter().map(|d| d.as_secs_f64()).collect();
+    let step = median(&mut secs);
+    Ok(BenchRow {
+        config: label.to_string(),
+        context,
+        batch,
+        prefill_tokens_per_s: (batch * context) as f64 / times.prefill.as_secs_f64(),
+        median_step_s: step,
+        decode_tokens_per_s: batch as f64 / step,
+        cache_bytes: usage.bytes,
+        dense_cache_bytes: usage.dense_bytes,
+        peak_rss_kb: peak_rss_kb(),
+    })
+}
+
+/// The KV-memory budget part of a run: `bytes` of KV cache, sequences of `context` tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub bytes: usize,
+    pub context: usize,
+    pub max_batch: usize,
+}
+
+/// Everything one `bench` run measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub rows: Vec<BenchRow>,
+    pub budget: Vec<BudgetRow>,
+}
+
+/// Measure every (configuration, context, batch) cell, then the budget runs if asked.
 pub async fn bench(
     model: &ModelSource,
     configs: &[KvCacheChoice],
     contexts: &[usize],
     batches: &[usize],
     decode: usize,
+    budget: Option<Budget>,
     progress: impl Fn(&str),
-) -> Result<Vec<BenchRow>> {
+) -> Result<BenchReport> {
     if decode < 3 {
         bail!("--decode must be at least 3 (the median needs decode steps)");
     }
     let special = special_token_ids(model)?;
-    let mut rows = Vec::new();
+    let mut report = BenchReport::default();
     for config in configs {
-        progress(&format!("loading model with {}", config.label()));
+        let label = config.label();
+        progress(&format!("loading model with {label}"));
         let mut options = EngineOptions::new(model.clone(), config.clone());
-        options.max_seqs = batches.iter().copied().max().unwrap_or(1);
+        options.max_seqs = batches
+            .iter()
+            .copied()
+            .chain(budget.map(|b| b.max_batch))
+            .max()
+            .unwrap_or(1);
         let engine = build_engine(&options).await?;
         let vocab = special.iter().copied().max().unwrap_or(0) as usize + 1;
         let mut suppressed = vec![false; vocab.max(1)];
@@ -147,44 +305,51 @@ pub async fn bench(
         }
         for &context in contexts {
             for &batch in batches {
-                progress(&format!(
-                    "{}: context {context}, batch {batch}",
-                    config.label()
-                ));
-                // Token-id prompts of identical length, different content per sequence (the
-                // scheduler batches only equal lengths). Ids avoid the special range.
-                let prompts: Vec<Vec<u32>> = (0..batch)
-                    .map(|b| {
-                        (0..context)
-                            .map(|i| 1000 + ((i * 7919 + b * 104729) % 40000) as u32)
-                            .collect()
-                    })
-                    .collect();
-                let finished = finished_sequences();
-                let steps = decode_run(&engine, &prompts, decode, &suppressed).await?;
-                let usage = usage_of_next_finished(finished).await.unwrap_or_default();
-                let mut secs: Vec<f64> = steps.iter().map(|d| d.as_secs_f64()).collect();
-                let step = median(&mut secs);
-                rows.push(BenchRow {
-                    config: config.label(),
-                    context,
-                    batch,
-                    median_step_s: step,
-                    decode_tokens_per_s: batch as f64 / step,
-                    cache_bytes: usage.bytes,
-                    dense_cache_bytes: usage.dense_bytes,
-                    peak_rss_kb: peak_rss_kb(),
-                });
+                progress(&format!("{label}: context {context}, batch {batch}"));
+                let row = measure(&engine, &label, context, batch, decode, &suppressed).await?;
+                report.rows.push(row);
             }
         }
+        if let Some(budget) = budget {
+            progress(&format!("{label}: budget of {} bytes", budget.bytes));
+            // One sequence's bytes at its longest, from a batch-1 cell of the same length.
+            let single = match report
+                .rows
+                .iter()
+                .find(|r| r.config == label && r.context == budget.context && r.batch == 1)
+            {
+                Some(r) => r.clone(),
+                None => measure(&engine, &label, budget.context, 1, decode, &suppressed).await?,
+            };
+            let per_seq = single.cache_bytes;
+            let fit = largest_fitting_batch(budget.bytes, budget.max_batch, |b| b * per_seq);
+            let batch = fit.unwrap_or(0);
+            let aggregate = if batch == 0 {
+                0.0
+            } else {
+                progress(&format!("{label}: budget batch {batch}"));
+                measure(&engine, &label, budget.context, batch, decode, &suppressed)
+                    .await?
+                    .decode_tokens_per_s
+            };
+            report.budget.push(BudgetRow {
+                config: label.clone(),
+                context: budget.context,
+                budget_bytes: budget.bytes,
+                bytes_per_sequence: per_seq,
+                batch,
+                capped: batch == budget.max_batch && (batch + 1) * per_seq <= budget.bytes,
+                aggregate_tokens_per_s: aggregate,
+            });
+        }
     }
-    Ok(rows)
+    Ok(report)
 }
 
 /// A Markdown table with ratios against the default cache's row of the same cell.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut out = String::from(
-        "| config | context | batch | decode tok/s (median) | vs default | KV bytes / seq | KV vs default |\n|---|---|---|---|---|---|---|\n",
+        "| config | context | batch | prefill tok/s | decode tok/s (median) | vs default | KV bytes / seq | KV vs default | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let base = rows
@@ -199,12 +364,96 @@ pub fn table(rows: &[BenchRow]) -> String {
                 b.cache_bytes as f64 / r.cache_bytes.max(1) as f64
             )
         });
+        let rss = r
+            .peak_rss_kb
+            .map_or("-".to_string(), |kb| format!("{:.0}", kb as f64 / 1024.0));
         out.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {} | {} | {} |\n",
-            r.config, r.context, r.batch, r.decode_tokens_per_s, speed, r.cache_bytes, mem
+            "| {} | {} | {} | {:.1} | {:.2} | {} | {} | {} | {} |\n",
+            r.config,
+            r.context,
+            r.batch,
+            r.prefill_tokens_per_s,
+            r.decode_tokens_per_s,
+            speed,
+            r.cache_bytes,
+            mem,
+            rss
         ));
     }
     out
+}
+
+/// A Markdown table of the budget runs, with ratios against the default cache.
+pub fn budget_table(rows: &[BudgetRow]) -> String {
+    let mut out = String::from(
+        "| config | context | KV budget (bytes) | KV bytes / seq | largest batch | vs default | aggregate decode tok/s | vs default |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let base = rows.iter().find(|r| r.config == "default");
+    for r in rows {
+        let ratio = |x: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", x / b)
+            } else {
+                "-".to_string()
+            }
+        };
+        let (batch_ratio, speed_ratio) = base.map_or(("-".into(), "-".into()), |b| {
+            (
+                ratio(r.batch as f64, b.batch as f64),
+                ratio(r.aggregate_tokens_per_s, b.aggregate_tokens_per_s),
+            )
+        });
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {}{} | {} | {:.2} | {} |\n",
+            r.config,
+            r.context,
+            r.budget_bytes,
+            r.bytes_per_sequence,
+            r.batch,
+            if r.capped { " (cap)" } else { "" },
+            batch_ratio,
+            r.aggregate_tokens_per_s,
+            speed_ratio
+        ));
+    }
+    out
+}
+
+/// Decode throughput and KV bytes against context length, one line per (config, batch).
+pub fn charts(rows: &[BenchRow]) -> Vec<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    for r in rows {
+        if !keys.contains(&(r.config.clone(), r.batch)) {
+            keys.push((r.config.clone(), r.batch));
+        }
+    }
+    let series = |value: &dyn Fn(&BenchRow) -> f64| -> Vec<Series> {
+        keys.iter()
+            .map(|(config, batch)| Series {
+                label: format!("{config}, batch {batch}"),
+                points: rows
+                    .iter()
+                    .filter(|r| &r.config == config && r.batch == *batch)
+                    .map(|r| (r.context as f64, value(r)))
+                    .collect(),
+            })
+            .collect()
+    };
+    vec![
+        Chart {
+            title: "Decode throughput".into(),
+            x_label: "context (tokens)".into(),
+            y_label: "decode tokens/s (median)".into(),
+            series: series(&|r| r.decode_tokens_per_s),
+        },
+        Chart {
+            title: "KV cache per sequence".into(),
+            x_label: "context (tokens)".into(),
+            y_label: "bytes".into(),
+            series: series(&|r| r.cache_bytes as f64),
+        },
+    ]
 }
 
 #[cfg(test)]
@@ -224,6 +473,7 @@ mod tests {
             config: config.into(),
             context: 1024,
             batch: 1,
+            prefill_tokens_per_s: 100.0,
             median_step_s: 1.0 / tps,
             decode_tokens_per_s: tps,
             cache_bytes: bytes,
@@ -232,8 +482,41 @@ mod tests {
         };
         let t = table(&[row("default", 10.0, 1000), row("lq", 15.0, 100)]);
         assert!(
-            t.contains("| lq | 1024 | 1 | 15.00 | 1.50x | 100 | 10.00x smaller |"),
+            t.contains("| lq | 1024 | 1 | 100.0 | 15.00 | 1.50x | 100 | 10.00x smaller | - |"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn budget_search_returns_the_largest_fitting_batch() {
+        // Linear cost: 48 per sequence, budget 200 -> 4 (5 * 48 = 240 > 200).
+        assert_eq!(largest_fitting_batch(200, 64, |b| b * 48), Some(4));
+        // Exactly at the budget fits.
+        assert_eq!(largest_fitting_batch(192, 64, |b| b * 48), Some(4));
+        // Fixed overhead plus a per-sequence cost, checked against a linear scan.
+        for budget in [0usize, 99, 100, 101, 150, 1000, 5000] {
+            let cost = |b: usize| 100 + 7 * b * b;
+            let scan = (1..=30).rev().find(|&b| cost(b) <= budget);
+            assert_eq!(
+                largest_fitting_batch(budget, 30, cost),
+                scan,
+                "budget {budget}"
+            );
+        }
+        // The cap stops the search; nothing fits; a zero cap.
+        assert_eq!(largest_fitting_batch(1 << 40, 16, |b| b), Some(16));
+        assert_eq!(largest_fitting_batch(10, 16, |b| 11 * b), None);
+        assert_eq!(largest_fitting_batch(10, 0, |b| b), None);
+    }
+
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert_eq!(parse_bytes("96MiB").unwrap(), 96 << 20);
+        assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("MiB").is_err());
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{
@@ -14,7 +14,7 @@ use crate::model_source::ModelSource;
 
 /// What to score: `score` tokens after a `prefill`-token exact prefix, starting `start`
 /// tokens into the text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalWindow {
     pub start: usize,
     pub prefill: usize,
@@ -22,7 +22,7 @@ pub struct EvalWindow {
 }
 
 /// One configuration's measurements.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalRow {
     pub config: String,
     pub perplexity: f64,
@@ -143,6 +143,102 @@ pub async fn evaluate(
     Ok(rows)
 }
 
+/// `[from, to)` context ranges of the scored positions `prefill..prefill + score`, cut at
+/// powers of two (e.g. 1024..2048, 2048..4096, 4096..8024).
+pub fn context_segments(prefill: usize, score: usize) -> Vec<(usize, usize)> {
+    let end = prefill + score;
+    let mut out = Vec::new();
+    let mut from = prefill;
+    while from < end {
+        let to = (from + 1).next_power_of_two().min(end);
+        out.push((from, to));
+        from = to;
+    }
+    out
+}
+
+/// Perplexity of the scored tokens in each context range; the token scored `i`-th sees
+/// `prefill + i` cached tokens.
+pub fn segment_perplexities(nll: &[f64], prefill: usize, segments: &[(usize, usize)]) -> Vec<f64> {
+    segments
+        .iter()
+        .map(|&(from, to)| {
+            let lo = from.saturating_sub(prefill).min(nll.len());
+            let hi = to.saturating_sub(prefill).min(nll.len());
+            let logprobs: Vec<f64> = nll[lo..hi].iter().map(|x| -x).collect();
+            perplexity(&logprobs)
+        })
+        .collect()
+}
+
+/// Perplexity per context range, one row per configuration.
+pub fn segment_table(rows: &[EvalRow], window: EvalWindow) -> String {
+    let segments = context_segments(window.prefill, window.score);
+    let mut out = String::from("| config |");
+    for (from, to) in &segments {
+        out.push_str(&format!(" ppl, context {from}-{to} |"));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(segments.len()));
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!("| {} |", r.config));
+        for p in segment_perplexities(&r.nll, window.prefill, &segments) {
+            out.push_str(&format!(" {p:.3} |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Mean negative log-likelihood in bins of scored positions, against context length, and the
+/// same minus the default cache's (the first row): what `eval --plot` draws.
+pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    let bin = (window.score / 100).max(16);
+    let binned = |nll: &[f64]| -> Vec<(f64, f64)> {
+        nll.chunks(bin)
+            .enumerate()
+            .map(|(i, c)| {
+                let center = window.prefill + i * bin + c.len() / 2;
+                (center as f64, c.iter().sum::<f64>() / c.len() as f64)
+            })
+            .collect()
+    };
+    let reference = rows.first().map(|r| binned(&r.nll)).unwrap_or_default();
+    let mut absolute = Vec::new();
+    let mut excess = Vec::new();
+    for r in rows {
+        let points = binned(&r.nll);
+        excess.push(Series {
+            label: r.config.clone(),
+            points: points
+                .iter()
+                .zip(&reference)
+                .map(|(&(x, y), &(_, d))| (x, y - d))
+                .collect(),
+        });
+        absolute.push(Series {
+            label: r.config.clone(),
+            points,
+        });
+    }
+    vec![
+        Chart {
+            title: format!("Log-perplexity by position (bins of {bin} tokens)"),
+            x_label: "context (tokens cached before the scored token)".into(),
+            y_label: "mean negative log-likelihood (nats)".into(),
+            series: absolute,
+        },
+        Chart {
+            title: "Excess over the default cache".into(),
+            x_label: "context (tokens cached before the scored token)".into(),
+            y_label: "nats per token above default".into(),
+            series: excess,
+        },
+    ]
+}
+
 /// A Markdown table of the rows.
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = String::from(
@@ -170,6 +266,22 @@ mod tests {
     fn perplexity_of_a_uniform_distribution_is_its_size() {
         let lp = (1.0f64 / 50.0).ln();
         assert!((perplexity(&[lp; 10]) - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn segments_cut_at_powers_of_two_and_cover_every_scored_token() {
+        assert_eq!(
+            context_segments(1024, 7000),
+            vec![(1024, 2048), (2048, 4096), (4096, 8024)]
+        );
+        assert_eq!(context_segments(1000, 10), vec![(1000, 1010)]);
+        // ln 2 in the first segment, ln 4 in the second: perplexities 2 and 4.
+        let nll = [2f64.ln(), 2f64.ln(), 4f64.ln()];
+        let ppl = segment_perplexities(&nll, 6, &context_segments(6, 3));
+        assert!(
+            (ppl[0] - 2.0).abs() < 1e-12 && (ppl[1] - 4.0).abs() < 1e-12,
+            "{ppl:?}"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model_source;
 pub mod passthrough;
+pub mod plot;
 pub mod policy;
 pub mod quant;
 pub mod reference;

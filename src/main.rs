@@ -22,6 +22,7 @@ async fn main() {
         Command::Run(args) => cli::run::run(args).await,
         Command::Eval(args) => cli::eval::eval(args).await,
         Command::Bench(args) => cli::bench::run(args).await,
+        Command::Report(args) => cli::report::report(args),
     };
     if let Err(err) = result {
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();

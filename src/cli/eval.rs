@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
 use crate::engine::KvCacheChoice;
-use crate::eval::{evaluate, table, EvalWindow};
+use crate::eval::{charts, evaluate, segment_table, table, EvalWindow};
+use crate::plot::svg;
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -40,6 +41,9 @@ pub struct EvalArgs {
     /// Also write the rows (with per-token negative log-likelihoods) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also write an SVG plot of log-perplexity against position here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// Parse `NAME[:BITS]` against the shared LogQuant options.
@@ -112,9 +116,16 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
         args.text.display()
     );
     print!("{}", table(&rows));
+    println!();
+    print!("{}", segment_table(&rows, window));
     if let Some(path) = &args.json {
         let json = serde_json::json!({ "window": window, "rows": rows });
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write --json {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg(&charts(&rows, window)))
+            .with_context(|| format!("cannot write --plot {}", path.display()))?;
     }
     Ok(())
 }

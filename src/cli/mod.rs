@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod report;
 pub mod run;
 pub mod serve;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Decode speed and KV memory against the default cache.
     Bench(bench::BenchArgs),
+    /// Tables and an SVG plot from the JSON that `eval --json` or `bench --json` wrote.
+    Report(report::ReportArgs),
 }
 
 /// Which model, on which device, in which dtype (names as in the `mistralrs` CLI).

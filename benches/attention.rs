@@ -1,0 +1,57 @@
+//! Decode attention alone, SmolLM2-135M's shape (9 query heads, 3 KV heads, head dim 64, f32),
+//! one layer: the default cache (mistral.rs's CPU attention over dense K/V), LogQuant's portable
+//! path (dequantize, then the same stock attention) and the fused kernel over the packed codes.
+//!
+//! `cargo bench --bench attention` (add `-- 8192` to filter). Report medians; the end-to-end
+//! counterpart is `mistralrs-logquant bench`.
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use mistralrs_core::kv_cache_backend::{stock_attention, AttentionParams, KvCacheBackend};
+use mistralrs_logquant::backend::LogQuantCache;
+use mistralrs_logquant::config::LogQuantConfig;
+use mistralrs_logquant::kernels::cpu::attend_decode;
+
+const Q_HEADS: usize = 9;
+const KV_HEADS: usize = 3;
+const DIM: usize = 64;
+
+fn attention(c: &mut Criterion) {
+    let device = Device::Cpu;
+    let params = AttentionParams {
+        n_kv_groups: Q_HEADS / KV_HEADS,
+        softmax_scale: 1.0 / (DIM as f32).sqrt(),
+        softcap: None,
+    };
+    let mut group = c.benchmark_group("decode_attention");
+    group.sample_size(20);
+    group.warm_up_time(std::time::Duration::from_millis(500));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    for batch in [1usize, 8] {
+        for context in [1024usize, 4096, 8192] {
+            let k = Tensor::randn(0f32, 1.0, (batch, KV_HEADS, context, DIM), &device).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (batch, KV_HEADS, context, DIM), &device).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (batch, Q_HEADS, 1, DIM), &device).unwrap();
+            let mut cache = LogQuantCache::new(LogQuantConfig::default(), 8192);
+            cache.append(&k, &v).unwrap();
+            let id = |name: &str| BenchmarkId::new(name, format!("ctx{context}/b{batch}"));
+
+            group.bench_function(id("default"), |b| {
+                b.iter(|| stock_attention(&q, &k, &v, None, &params).unwrap())
+            });
+            group.bench_function(id("logquant-portable"), |b| {
+                b.iter(|| {
+                    let (k, v) = cache.materialize().unwrap().unwrap();
+                    stock_attention(&q, &k, &v, None, &params).unwrap()
+                })
+            });
+            group.bench_function(id("logquant-fused"), |b| {
+                b.iter(|| attend_decode(&q, cache.rows(), params.softmax_scale).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, attention);
+criterion_main!(benches);
