@@ -15,7 +15,7 @@ use mistralrs_core::kv_cache_backend::{
 };
 
 use crate::config::{AttentionKernel, LogQuantConfig};
-use crate::kernels::cpu::attend_decode;
+use crate::kernels::cpu::{attend_chunk, attend_decode};
 use crate::store::SeqLayerStore;
 
 /// Registry name of the LogQuant backend.
@@ -146,8 +146,22 @@ impl KvCacheBackend for LogQuantCache {
                 .expect("cache holds the new token");
             return engine(q, &k_all, &v_all, mask);
         }
-        // Prefill or a chunk: attend with the exact new rows after the cached ones (the layout
-        // the engine's causal mask expects), then let the policy quantize.
+        // A chunk after cached tokens: the fused kernel reads the cache as it is stored and
+        // masks only the chunk's own rows, if the engine's mask is exactly that causal mask.
+        let cached = self.seq_len();
+        if cached > 0
+            && self.config.kernel == AttentionKernel::Fused
+            && q.device().is_cpu()
+            && params.softcap.is_none()
+            && is_plain_causal(mask, cached, k.dim(2)?)?
+        {
+            let out = attend_chunk(q, &self.rows, k, v, params.softmax_scale)?;
+            self.admit(k, v)?;
+            return Ok(out);
+        }
+        // Prefill (or a chunk the fused kernel does not cover): attend with the exact new rows
+        // after the cached ones (the layout the engine's mask expects), then let the policy
+        // quantize.
         let (k_all, v_all) = match self.materialize_like(k)? {
             None => (k.clone(), v.clone()),
             Some((ck, cv)) => (Tensor::cat(&[&ck, k], 2)?, Tensor::cat(&[&cv, v], 2)?),
@@ -257,4 +271,29 @@ impl KvCacheBackend for LogQuantCache {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// True if `mask` is the plain causal mask of `new` rows after `cached` ones: shape
+/// `(.., new, cached + new)`, 0 where row `i` may see column `j <= cached + i`, a large negative
+/// number elsewhere, the same for every leading index. Anything else (a sliding window, padding,
+/// no mask) is left to the engine's attention.
+pub fn is_plain_causal(mask: Option<&Tensor>, cached: usize, new: usize) -> Result<bool> {
+    let Some(mask) = mask else {
+        return Ok(false);
+    };
+    let dims = mask.dims();
+    if dims.len() < 2 || dims[dims.len() - 2] != new || dims[dims.len() - 1] != cached + new {
+        return Ok(false);
+    }
+    let values = mask
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let width = cached + new;
+    Ok(values.chunks_exact(width).enumerate().all(|(row, cols)| {
+        let i = row % new;
+        cols.iter()
+            .enumerate()
+            .all(|(j, &m)| if j <= cached + i { m == 0.0 } else { m < -1e4 })
+    }))
 }

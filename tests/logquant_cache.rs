@@ -425,29 +425,40 @@ fn fused_kernel_matches_the_reference_on_edge_cases() {
     }
 }
 
+/// A fused-kernel LogQuant cache (W=42) for a batch of 2, prefilled with `tokens` random rows.
+fn fused_cache(
+    rng: &mut Rng,
+    (bits, group, keys): (u8, usize, KeyGrouping),
+    tokens: usize,
+    dim: usize,
+) -> LogQuantCache {
+    let cfg = LogQuantConfig {
+        bits,
+        window: 42,
+        group_size: group,
+        key_grouping: keys,
+        kernel: AttentionKernel::Fused,
+        ..LogQuantConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let mut cache = LogQuantCache::new(cfg, 100_000);
+    let k = rng.tensor((2, KV_HEADS, tokens, dim)).unwrap();
+    let v = rng.tensor((2, KV_HEADS, tokens, dim)).unwrap();
+    cache.append(&k, &v).unwrap();
+    cache
+}
+
 /// Span splitting and every SIMD tier this CPU has, against textbook attention over the
 /// dequantized layout: many quantized rows, a batch of 2, head dims with and without a
 /// remainder after the kernel's 16-wide loops, both key groupings.
 #[test]
 fn fused_kernel_tiers_and_span_splits_match_the_reference() {
-    use mistralrs_logquant::kernels::cpu::{attend_decode_with, KernelPlan, SimdTier};
+    use mistralrs_logquant::kernels::cpu::{attend_with, KernelPlan, SimdTier};
     let mut rng = Rng(99);
     for (dim, group, bits) in [(64, 64, 2), (24, 8, 4), (16, 16, 8)] {
         for keys in [KeyGrouping::PerChannel, KeyGrouping::PerToken] {
-            let cfg = LogQuantConfig {
-                bits,
-                window: 42,
-                group_size: group,
-                key_grouping: keys,
-                kernel: AttentionKernel::Fused,
-                ..LogQuantConfig::default()
-            }
-            .validate()
-            .unwrap();
-            let mut cache = LogQuantCache::new(cfg, 100_000);
-            let k = rng.tensor((2, KV_HEADS, 700, dim)).unwrap();
-            let v = rng.tensor((2, KV_HEADS, 700, dim)).unwrap();
-            cache.append(&k, &v).unwrap();
+            let mut cache = fused_cache(&mut rng, (bits, group, keys), 700, dim);
             let (k1, v1) = (
                 rng.tensor((2, KV_HEADS, 1, dim)).unwrap(),
                 rng.tensor((2, KV_HEADS, 1, dim)).unwrap(),
@@ -461,7 +472,7 @@ fn fused_kernel_tiers_and_span_splits_match_the_reference() {
             for tier in SimdTier::available() {
                 for span_tokens in [1, 37, 512, 100_000] {
                     let plan = KernelPlan { tier, span_tokens };
-                    let got = attend_decode_with(&q, cache.rows(), SCALE, plan).unwrap();
+                    let got = attend_with(&q, cache.rows(), None, SCALE, plan).unwrap();
                     let (err, at, finite) = max_abs_diff(&host(&got), &want);
                     assert!(
                         finite && err < 1e-4,
@@ -471,4 +482,122 @@ fn fused_kernel_tiers_and_span_splits_match_the_reference() {
             }
         }
     }
+}
+
+/// The engine's causal mask for `new` rows after `cached` ones, as mistral.rs builds it.
+fn causal_mask(cached: usize, new: usize) -> Tensor {
+    let data: Vec<f32> = (0..new)
+        .flat_map(|i| {
+            (0..cached + new).map(move |j| {
+                if j <= cached + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (new, cached + new), &Device::Cpu).unwrap()
+}
+
+/// A chunk of new tokens after a cached prefix: the fused kernel reads the cache whole and
+/// masks only the chunk, equal to textbook causal attention over [cache | chunk], for every
+/// tier, span size and key grouping, GQA and a batch of 2.
+#[test]
+fn fused_chunk_after_a_cached_prefix_matches_the_reference() {
+    use mistralrs_logquant::kernels::cpu::{attend_with, KernelPlan, SimdTier};
+    let mut rng = Rng(5);
+    for keys in [KeyGrouping::PerChannel, KeyGrouping::PerToken] {
+        let cache = fused_cache(&mut rng, (2, 16, keys), 300, DIM);
+        for new in [1usize, 5, 40] {
+            let q = rng.tensor((2, Q_HEADS, new, DIM)).unwrap();
+            let k_new = rng.tensor((2, KV_HEADS, new, DIM)).unwrap();
+            let v_new = rng.tensor((2, KV_HEADS, new, DIM)).unwrap();
+            let (mk, mv) = cache.materialize().unwrap().unwrap();
+            let k_all = Tensor::cat(&[&mk, &k_new], 2).unwrap();
+            let v_all = Tensor::cat(&[&mv, &v_new], 2).unwrap();
+            let want = host(&naive_engine(&q, &k_all, &v_all, None).unwrap());
+            for tier in SimdTier::available() {
+                for span_tokens in [1, 3, 512] {
+                    let plan = KernelPlan { tier, span_tokens };
+                    let got =
+                        attend_with(&q, cache.rows(), Some((&k_new, &v_new)), SCALE, plan).unwrap();
+                    let (err, at, finite) = max_abs_diff(&host(&got), &want);
+                    assert!(
+                        finite && err < 1e-4,
+                        "{keys:?} chunk {new} {plan:?}: error {err} at {at}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Through the backend: a chunk with the engine's causal mask takes the fused path and agrees
+/// with the portable path; the caches end up identical.
+#[test]
+fn backend_chunks_agree_between_fused_and_portable() {
+    let mut rng = Rng(11);
+    let base = LogQuantConfig {
+        window: 4,
+        group_size: 8,
+        ..LogQuantConfig::default()
+    };
+    let mut fused = LogQuantCache::new(
+        LogQuantConfig {
+            kernel: AttentionKernel::Fused,
+            ..base
+        },
+        100_000,
+    );
+    let mut portable = LogQuantCache::new(
+        LogQuantConfig {
+            kernel: AttentionKernel::Portable,
+            ..base
+        },
+        100_000,
+    );
+    let mut cached = 0;
+    for new in [50usize, 7, 1, 13] {
+        let q = rng.tensor((1, Q_HEADS, new, DIM)).unwrap();
+        let k = rng.tensor((1, KV_HEADS, new, DIM)).unwrap();
+        let v = rng.tensor((1, KV_HEADS, new, DIM)).unwrap();
+        let mask = (new > 1).then(|| causal_mask(cached, new));
+        let a = fused
+            .append_and_attend(&q, &k, &v, mask.as_ref(), &params(), &naive_engine)
+            .unwrap();
+        let b = portable
+            .append_and_attend(&q, &k, &v, mask.as_ref(), &params(), &naive_engine)
+            .unwrap();
+        let (err, at, finite) = max_abs_diff(&host(&a), &host(&b));
+        assert!(
+            finite && err < 1e-4,
+            "chunk {new} after {cached}: error {err} at {at}"
+        );
+        cached += new;
+    }
+    let (fk, fv) = fused.materialize().unwrap().unwrap();
+    let (pk, pv) = portable.materialize().unwrap().unwrap();
+    assert_eq!(host(&fk), host(&pk));
+    assert_eq!(host(&fv), host(&pv));
+}
+
+#[test]
+fn only_the_plain_causal_mask_is_recognized() {
+    use mistralrs_logquant::backend::is_plain_causal;
+    assert!(is_plain_causal(Some(&causal_mask(10, 4)), 10, 4).unwrap());
+    // Batched and per-head leading dims.
+    let m = causal_mask(3, 2)
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((2, 1, 1))
+        .unwrap();
+    assert!(is_plain_causal(Some(&m), 3, 2).unwrap());
+    // Wrong shape, no mask, a sliding window (row 3 may not see column 0).
+    assert!(!is_plain_causal(Some(&causal_mask(10, 4)), 9, 4).unwrap());
+    assert!(!is_plain_causal(None, 10, 4).unwrap());
+    let mut window = host(&causal_mask(2, 4));
+    window[3 * 6] = f32::NEG_INFINITY;
+    let window = Tensor::from_vec(window, (4, 6), &Device::Cpu).unwrap();
+    assert!(!is_plain_causal(Some(&window), 2, 4).unwrap());
 }
