@@ -367,12 +367,18 @@ pub fn table(rows: &[BenchRow]) -> String {
         let rss = r
             .peak_rss_kb
             .map_or("-".to_string(), |kb| format!("{:.0}", kb as f64 / 1024.0));
+        // Rows written before prefill was measured read back as 0.
+        let prefill = if r.prefill_tokens_per_s > 0.0 {
+            format!("{:.1}", r.prefill_tokens_per_s)
+        } else {
+            "-".to_string()
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.2} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} |\n",
             r.config,
             r.context,
             r.batch,
-            r.prefill_tokens_per_s,
+            prefill,
             r.decode_tokens_per_s,
             speed,
             r.cache_bytes,

@@ -2,13 +2,15 @@
 //! next-token distribution against the default cache, and top-1 agreement with it.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{
-    finished_sequences, score_teacher_forced, tokenize, usage_of_next_finished, ScoredStep,
+    finished_sequences, score_teacher_forced_with_progress, tokenize, usage_of_next_finished,
+    ScoredStep, StepCallback,
 };
 use crate::model_source::ModelSource;
 
@@ -76,13 +78,16 @@ pub fn compare(reference: &[ScoredStep], run: &[ScoredStep]) -> (f64, f64) {
 }
 
 /// Score `window` of `text_path` with each configuration; the default cache runs first and is
-/// the reference for KL and agreement (it is added if missing).
+/// the reference for KL and agreement (it is added if missing). `progress` gets a message as
+/// each phase starts; `scored`, if given, the number of tokens scored so far over all
+/// configurations (out of `configs x window.score`, the default included).
 pub async fn evaluate(
     model: &ModelSource,
     text_path: &Path,
     window: EvalWindow,
     configs: &[KvCacheChoice],
     progress: impl Fn(&str),
+    scored: Option<StepCallback>,
 ) -> Result<Vec<EvalRow>> {
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read --text {}", text_path.display()))?;
@@ -93,7 +98,7 @@ pub async fn evaluate(
     let mut reference: Option<Vec<ScoredStep>> = None;
     let mut tokens: Vec<u32> = Vec::new();
     let mut rows = Vec::new();
-    for config in configs {
+    for (index, config) in configs.into_iter().enumerate() {
         progress(&format!("loading model with {}", config.label()));
         let engine = build_engine(&EngineOptions::new(model.clone(), config.clone())).await?;
         if tokens.is_empty() {
@@ -119,7 +124,12 @@ pub async fn evaluate(
             config.label()
         ));
         let finished = finished_sequences();
-        let steps = score_teacher_forced(&engine, prefix, targets, true).await?;
+        let on_step = scored.clone().map(|f| -> StepCallback {
+            let done_before = index * window.score;
+            Arc::new(move |n| f(done_before + n))
+        });
+        let steps =
+            score_teacher_forced_with_progress(&engine, prefix, targets, true, on_step).await?;
         let usage = usage_of_next_finished(finished).await.unwrap_or_default();
         drop(engine);
         let logprobs: Vec<f64> = steps.iter().map(|s| s.logprob).collect();

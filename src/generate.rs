@@ -176,7 +176,12 @@ struct TeacherForcer {
     targets: Vec<u32>,
     keep_distributions: bool,
     steps: Mutex<Vec<ScoredStep>>,
+    /// Called with the number of tokens scored so far, after each step.
+    on_step: Option<StepCallback>,
 }
+
+/// Progress callback of [`score_teacher_forced_with_progress`]: tokens scored so far.
+pub type StepCallback = Arc<dyn Fn(usize) + Send + Sync>;
 
 impl CustomLogitsProcessor for TeacherForcer {
     fn apply(&self, logits: &Tensor, _context: &[u32]) -> candle_core::Result<Tensor> {
@@ -199,6 +204,9 @@ impl CustomLogitsProcessor for TeacherForcer {
             argmax,
             distribution: self.keep_distributions.then_some(log_softmax),
         });
+        if let Some(on_step) = &self.on_step {
+            on_step(steps.len());
+        }
         forced_logits(logits, target as usize)
     }
 }
@@ -220,6 +228,17 @@ pub async fn score_teacher_forced(
     targets: Vec<u32>,
     keep_distributions: bool,
 ) -> Result<Vec<ScoredStep>> {
+    score_teacher_forced_with_progress(engine, prefix, targets, keep_distributions, None).await
+}
+
+/// [`score_teacher_forced`], reporting each scored token to `on_step`.
+pub async fn score_teacher_forced_with_progress(
+    engine: &MistralRs,
+    prefix: Vec<u32>,
+    targets: Vec<u32>,
+    keep_distributions: bool,
+    on_step: Option<StepCallback>,
+) -> Result<Vec<ScoredStep>> {
     if prefix.is_empty() || targets.is_empty() {
         bail!("teacher forcing needs a non-empty prefix and targets");
     }
@@ -228,6 +247,7 @@ pub async fn score_teacher_forced(
         targets,
         keep_distributions,
         steps: Mutex::new(Vec::with_capacity(n)),
+        on_step,
     });
     run_request(engine, prefix, n, forcer.clone()).await?;
     let steps = std::mem::take(&mut *forcer.steps.lock().unwrap_or_else(|e| e.into_inner()));

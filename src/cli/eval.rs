@@ -101,11 +101,29 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
         prefill: args.prefill,
         score: args.score,
     };
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let rows = evaluate(&options.model, &args.text, window, &configs, |msg| {
-        bar.set_message(msg.to_string())
-    })
+    // The default cache is always measured too (first), as the reference.
+    let measured = configs
+        .iter()
+        .filter(|c| **c != KvCacheChoice::Default)
+        .count()
+        + 1;
+    let bar = indicatif::ProgressBar::new((measured * args.score) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} tokens scored, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    let counter = bar.clone();
+    let rows = evaluate(
+        &options.model,
+        &args.text,
+        window,
+        &configs,
+        |msg| bar.set_message(msg.to_string()),
+        Some(std::sync::Arc::new(move |n| counter.set_position(n as u64))),
+    )
     .await?;
     bar.finish_and_clear();
     println!(
