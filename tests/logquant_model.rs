@@ -1,15 +1,16 @@
-//! LogQuant end to end on SmolLM2-135M with the real engine: 8-bit agrees with the default
-//! cache, 2-bit writes fluent text, and the engine's byte counter shows the memory saving.
+//! LogQuant end to end on SmolLM2-135M with the real engine and the weights as shipped (Q4_1):
+//! 2-bit writes fluent text, and the engine's byte counter shows the memory saving. Comparisons
+//! that need the model to be continuous (8-bit vs default, fused vs portable) are in
+//! `continuous_model.rs`.
 
 mod common;
 
 use common::*;
-use mistralrs_logquant::config::{AttentionKernel, KeyGrouping, LogQuantConfig};
+use mistralrs_logquant::config::{KeyGrouping, LogQuantConfig};
 use mistralrs_logquant::engine::{Dtype, KvCacheChoice};
 use mistralrs_logquant::eval::perplexity;
 use mistralrs_logquant::generate::{
-    finished_sequences, generate_greedy, generate_greedy_with_margins, score_teacher_forced,
-    usage_of_next_finished,
+    finished_sequences, generate_greedy, score_teacher_forced, usage_of_next_finished,
 };
 
 /// Long prompts from the shared text, tokenized by the model.
@@ -30,71 +31,6 @@ async fn long_prompts(lengths: &[usize]) -> Vec<Vec<u32>> {
             p
         })
         .collect()
-}
-
-/// Where a greedy run may part from the default cache's: a step whose default top-1 margin
-/// (best logit minus runner-up, nats) is below this is a near-tie. Measured here: 8-bit
-/// quantization moves logits by a few hundredths (teacher-forced KL 0.004, top-1 agreement
-/// 95%), and even the exact fused kernel flips a 0.01 margin by rounding alone.
-const NEAR_TIE: f32 = 0.25;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
-    // Twelve fixed 150-token windows of the text, spread over Genesis.
-    let default = engine(KvCacheChoice::Default).await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/kjv_genesis_exodus.txt"
-    ))
-    .unwrap();
-    let all = tokens(&default, &text[..300_000]).await;
-    let suppressed = suppressed();
-    let mut cases = Vec::new();
-    for start in (1000..).step_by(1370).take(12) {
-        let prompt = all[start..start + 150].to_vec();
-        let reference = generate_greedy_with_margins(&default, prompt.clone(), 32, &suppressed)
-            .await
-            .unwrap();
-        cases.push((start, prompt, reference));
-    }
-    drop(default);
-    // A small window and group so that most of each prompt really is quantized; both kernels.
-    for kernel in [AttentionKernel::Fused, AttentionKernel::Portable] {
-        let config = LogQuantConfig {
-            bits: 8,
-            window: 8,
-            group_size: 16,
-            kernel,
-            ..Default::default()
-        };
-        let lq = engine(KvCacheChoice::LogQuant(config)).await;
-        let mut full_agreement = 0;
-        for (start, prompt, reference) in &cases {
-            let finished = finished_sequences();
-            let got = generate_greedy(&lq, prompt.clone(), 32, &suppressed)
-                .await
-                .unwrap();
-            let usage = usage_of_next_finished(finished).await.expect("usage");
-            assert!(usage.quantized_tokens >= 128, "{usage:?}");
-            match got.iter().zip(reference).position(|(a, (b, _))| a != b) {
-                None => full_agreement += 1,
-                Some(step) => {
-                    let margin = reference[step].1;
-                    eprintln!("{kernel:?}: window {start} parts at token {step} (default margin {margin:.3})");
-                    assert!(
-                        margin < NEAR_TIE,
-                        "{kernel:?}: window {start} parts from the default cache at token {step}, \
-                         where the default's choice was clear (margin {margin:.3} nats)"
-                    );
-                }
-            }
-        }
-        eprintln!("{kernel:?}: {full_agreement} of 12 windows agree for all 32 tokens");
-        assert!(
-            full_agreement >= 3,
-            "{kernel:?}: only {full_agreement} of 12 windows agree for 32 tokens"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
