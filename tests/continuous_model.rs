@@ -19,12 +19,6 @@ use mistralrs_logquant::generate::{
     usage_of_next_finished,
 };
 
-/// Every test of this binary calls this before building an engine: no engine (and so no
-/// weight) of this process is loaded without it.
-fn continuous_weights() {
-    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn fused_decode_equals_the_default_cache_while_everything_is_full_precision() {
     continuous_weights();
