@@ -66,11 +66,7 @@ async fn fused_decode_equals_the_default_cache_while_everything_is_full_precisio
 async fn fused_and_portable_paths_agree_at_two_bits() {
     continuous_weights();
     let default = engine(KvCacheChoice::Default).await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/kjv_genesis_exodus.txt"
-    ))
-    .unwrap();
+    let text = shared_text();
     let all = tokens(&default, &text[..300_000]).await;
     drop(default);
     let suppressed = suppressed();
@@ -137,11 +133,7 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
     continuous_weights();
     // Twelve fixed 150-token windows of the text, spread over Genesis.
     let default = engine(KvCacheChoice::Default).await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/kjv_genesis_exodus.txt"
-    ))
-    .unwrap();
+    let text = shared_text();
     let all = tokens(&default, &text[..300_000]).await;
     let suppressed = suppressed();
     let mut cases = Vec::new();

@@ -16,11 +16,7 @@ use mistralrs_logquant::generate::{
 /// Long prompts from the shared text, tokenized by the model.
 async fn long_prompts(lengths: &[usize]) -> Vec<Vec<u32>> {
     let engine = engine(KvCacheChoice::Default).await;
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/kjv_genesis_exodus.txt"
-    ))
-    .unwrap();
+    let text = shared_text();
     let all = tokens(&engine, &text[..200_000]).await;
     let mut start = 1000;
     lengths

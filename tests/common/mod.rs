@@ -38,13 +38,18 @@ pub fn suppressed() -> Vec<u32> {
     special_token_ids(&model()).expect("special tokens")
 }
 
-/// Texts of different lengths from the shared long text (read-only test data).
-pub fn passages() -> Vec<String> {
-    let text = std::fs::read_to_string(concat!(
+/// The shared long text (Genesis and Exodus, KJV; read-only test data).
+pub fn shared_text() -> String {
+    std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shared/data/kjv_genesis_exodus.txt"
     ))
-    .expect("../shared/data/kjv_genesis_exodus.txt");
+    .expect("../shared/data/kjv_genesis_exodus.txt")
+}
+
+/// Texts of different lengths from the shared long text (read-only test data).
+pub fn passages() -> Vec<String> {
+    let text = shared_text();
     let words: Vec<&str> = text.split_whitespace().collect();
     [(200, 40), (5000, 55), (20000, 90)]
         .iter()
