@@ -66,8 +66,7 @@ async fn fused_decode_equals_the_default_cache_while_everything_is_full_precisio
 async fn fused_and_portable_paths_agree_at_two_bits() {
     continuous_weights();
     let default = engine(KvCacheChoice::Default).await;
-    let text = shared_text();
-    let all = tokens(&default, &text[..300_000]).await;
+    let all = shared_tokens(&default).await;
     drop(default);
     let suppressed = suppressed();
     let prompts: Vec<Vec<u32>> = [3000usize, 20_000, 41_000]
@@ -133,8 +132,7 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
     continuous_weights();
     // Twelve fixed 150-token windows of the text, spread over Genesis.
     let default = engine(KvCacheChoice::Default).await;
-    let text = shared_text();
-    let all = tokens(&default, &text[..300_000]).await;
+    let all = shared_tokens(&default).await;
     let suppressed = suppressed();
     let mut cases = Vec::new();
     for start in (1000..).step_by(1370).take(12) {

@@ -864,17 +864,22 @@ pub fn attend_with(
         .collect::<Result<_>>()?;
     let span_tokens = plan.span_tokens.max(1);
     let per_head = query_rows * dim;
+    let row_spans: Vec<Vec<Span>> = rows
+        .iter()
+        .zip(&dense)
+        .map(|(store, dense)| spans(store, dense, span_tokens))
+        .collect();
     let tasks: Vec<SpanTask<'_>> = rows
         .iter()
         .zip(&dense)
+        .zip(&row_spans)
         .enumerate()
-        .flat_map(|(bi, (store, dense))| {
-            let spans = spans(store, dense, span_tokens);
+        .flat_map(|(bi, ((store, dense), spans))| {
             let qf = &qf;
             (0..kv_heads).flat_map(move |h| {
                 let first = (bi * kv_heads + h) * per_head;
                 let queries = &qf[first..first + per_head];
-                spans.clone().into_iter().map(move |span| SpanTask {
+                spans.iter().map(move |&span| SpanTask {
                     store,
                     dense,
                     head: h,
@@ -894,8 +899,7 @@ pub fn attend_with(
     // Tasks are ordered by (sequence, kv head, span): merge each consecutive run.
     let mut out = Vec::with_capacity(b * q_heads * q_len * dim);
     let mut i = 0;
-    for (store, dense) in rows.iter().zip(&dense) {
-        let n_spans = spans(store, dense, span_tokens).len();
+    for n_spans in row_spans.iter().map(Vec::len) {
         for _ in 0..kv_heads {
             out.extend(merge(&partials[i..i + n_spans], query_rows, dim));
             i += n_spans;

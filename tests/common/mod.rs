@@ -47,6 +47,11 @@ pub fn shared_text() -> String {
     .expect("../shared/data/kjv_genesis_exodus.txt")
 }
 
+/// The first 300,000 bytes of the shared text, tokenized by `engine`'s model.
+pub async fn shared_tokens(engine: &MistralRs) -> Vec<u32> {
+    tokens(engine, &shared_text()[..300_000]).await
+}
+
 /// Texts of different lengths from the shared long text (read-only test data).
 pub fn passages() -> Vec<String> {
     let text = shared_text();
