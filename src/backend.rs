@@ -1,9 +1,14 @@
 //! The LogQuant [`KvCacheBackend`]: one layer's cache for a batch of sequences, registered with
 //! mistral.rs under the name `logquant`.
 //!
-//! Attention uses the portable path: the cache is dequantized into one `[quantized | full
-//! precision]` block and handed to the engine's own attention, so every device mistral.rs
-//! supports runs it.
+//! Two rules keep it exact wherever the engine, not LogQuant, applies the mask:
+//! - whatever goes to the engine (through `append`, `materialize`, or the engine's attention
+//!   inside `append_and_attend`) is in position order, as the stock cache returns it;
+//! - new rows are attended exactly (prefill, chunks, `append`); the policy compresses after.
+//!
+//! Inside `append_and_attend` with no mask to honour (decode on the CPU), the fused kernel reads
+//! the position-agnostic layout `[quantized | staged | full precision]` directly. Elsewhere the
+//! portable path dequantizes the cache and hands it to the engine's attention for the device.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{Device, Result, Tensor};
 use mistralrs_core::kv_cache_backend::{
     register_kv_cache_backend, AttentionParams, EngineAttention, KvCacheBackend,
-    KvCacheBackendFactory, LayerUsage,
+    KvCacheBackendFactory, LayerUsage, ModelKvShape,
 };
 
 use crate::config::{AttentionKernel, LogQuantConfig};
@@ -35,6 +40,50 @@ impl KvCacheBackendFactory for LogQuantFactory {
     fn create(&self, _layer: usize, max_seq_len: usize) -> Box<dyn KvCacheBackend> {
         Box::new(LogQuantCache::new(self.config, max_seq_len))
     }
+
+    /// Refuses, at load time, models LogQuant cannot cache: a compressed latent instead of
+    /// per-head K and V (multi-head latent attention), K and V heads of different sizes, or a
+    /// head size that the group size does not divide.
+    fn check_model(&self, shape: &ModelKvShape) -> Result<()> {
+        check_model_shape(&self.config, shape).map_err(candle_core::Error::Msg)
+    }
+}
+
+/// The load-time check of [`LogQuantFactory::check_model`], as one line of text.
+pub fn check_model_shape(
+    config: &LogQuantConfig,
+    shape: &ModelKvShape,
+) -> std::result::Result<(), String> {
+    if shape.latent_attention {
+        return Err(
+            "logquant: this model caches a compressed latent (multi-head latent \
+                    attention, deepseek2/3) instead of per-head keys and values; run it with \
+                    --kv-cache default"
+                .to_string(),
+        );
+    }
+    for (layer, l) in shape.layers.iter().enumerate() {
+        if l.k_head_dim != l.v_head_dim {
+            return Err(format!(
+                "logquant: layer {layer} has key heads of {} and value heads of {} values; \
+                 LogQuant needs equal K and V head sizes; run it with --kv-cache default",
+                l.k_head_dim, l.v_head_dim
+            ));
+        }
+        config
+            .validate_for_head_dim(l.k_head_dim)
+            .map_err(|e| format!("logquant: {e} (layer {layer})"))?;
+    }
+    Ok(())
+}
+
+/// The order in which cached rows are handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowOrder {
+    /// Row `p` is position `p`: for attention under the engine's mask.
+    Position,
+    /// `[quantized | staged | full precision]`: enough when every row is visible.
+    Layout,
 }
 
 /// Register (or replace) the `logquant` backend with `config`. Models built afterwards with
@@ -94,11 +143,17 @@ impl LogQuantCache {
     }
 
     /// The batch as `(b, heads, len, dim)` K and V in `like`'s dtype and device.
-    fn materialize_like(&self, like: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    fn materialize_like(&self, like: &Tensor, order: RowOrder) -> Result<Option<(Tensor, Tensor)>> {
         let mut ks = Vec::with_capacity(self.rows.len());
         let mut vs = Vec::with_capacity(self.rows.len());
         for row in &self.rows {
-            match row.materialize(like.dtype(), like.device())? {
+            let rows = match order {
+                RowOrder::Position => {
+                    row.materialize_in_position_order(like.dtype(), like.device())?
+                }
+                RowOrder::Layout => row.materialize(like.dtype(), like.device())?,
+            };
+            match rows {
                 Some((k, v)) => {
                     ks.push(k);
                     vs.push(v);
@@ -110,6 +165,29 @@ impl LogQuantCache {
             return Ok(None);
         }
         Ok(Some((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?)))
+    }
+
+    /// The cached rows in position order followed by the exact new rows `k`, `v`
+    /// `(b, heads, n, dim)`: what the stock cache returns from an append.
+    fn cached_then_exact(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = k.dim(0)?;
+        if !self.rows.is_empty() && self.rows.len() != b {
+            candle_core::bail!(
+                "logquant: batch of {b} appended to a cache of {} sequences",
+                self.rows.len()
+            );
+        }
+        let new_len = self.seq_len() + k.dim(2)?;
+        if new_len > self.max_seq_len {
+            candle_core::bail!(
+                "kv-cache: {new_len} tokens exceed the model's context of {}",
+                self.max_seq_len
+            );
+        }
+        Ok(match self.materialize_like(k, RowOrder::Position)? {
+            None => (k.clone(), v.clone()),
+            Some((ck, cv)) => (Tensor::cat(&[&ck, k], 2)?, Tensor::cat(&[&cv, v], 2)?),
+        })
     }
 
     fn with_rows(&self, rows: Vec<SeqLayerStore>) -> Self {
@@ -131,49 +209,48 @@ impl KvCacheBackend for LogQuantCache {
         params: &AttentionParams,
         engine: &EngineAttention<'_>,
     ) -> Result<Tensor> {
+        let fused_ok = self.config.kernel == AttentionKernel::Fused
+            && q.device().is_cpu()
+            && params.is_plain();
         if k.dim(2)? == 1 {
             // Decode: the policy compresses first, then the new token attends to the cache.
             self.admit(k, v)?;
-            let fused = self.config.kernel == AttentionKernel::Fused
-                && q.device().is_cpu()
-                && mask.is_none()
-                && params.softcap.is_none();
-            if fused {
+            if fused_ok && mask.is_none() {
                 return attend_decode(q, &self.rows, params.softmax_scale);
             }
-            let (k_all, v_all) = self
-                .materialize_like(k)?
-                .expect("cache holds the new token");
+            // Under a mask the engine needs position order; without one any order will do.
+            let order = if mask.is_some() {
+                RowOrder::Position
+            } else {
+                RowOrder::Layout
+            };
+            let Some((k_all, v_all)) = self.materialize_like(k, order)? else {
+                candle_core::bail!("logquant: the cache lost the token just appended");
+            };
             return engine(q, &k_all, &v_all, mask);
         }
         // A chunk after cached tokens: the fused kernel reads the cache as it is stored and
         // masks only the chunk's own rows, if the engine's mask is exactly that causal mask.
         let cached = self.seq_len();
-        if cached > 0
-            && self.config.kernel == AttentionKernel::Fused
-            && q.device().is_cpu()
-            && params.softcap.is_none()
-            && is_plain_causal(mask, cached, k.dim(2)?)?
-        {
+        if cached > 0 && fused_ok && is_plain_causal(mask, cached, k.dim(2)?)? {
             let out = attend_chunk(q, &self.rows, k, v, params.softmax_scale)?;
             self.admit(k, v)?;
             return Ok(out);
         }
-        // Prefill (or a chunk the fused kernel does not cover): attend with the exact new rows
-        // after the cached ones (the layout the engine's mask expects), then let the policy
-        // quantize.
-        let (k_all, v_all) = match self.materialize_like(k)? {
-            None => (k.clone(), v.clone()),
-            Some((ck, cv)) => (Tensor::cat(&[&ck, k], 2)?, Tensor::cat(&[&cv, v], 2)?),
-        };
+        // Prefill (or a chunk the fused kernel does not cover): the engine's attention over
+        // the stock layout, then the policy compresses.
+        let (k_all, v_all) = self.cached_then_exact(k, v)?;
         let out = engine(q, &k_all, &v_all, mask)?;
         self.admit(k, v)?;
         Ok(out)
     }
 
+    /// For model code that applies its own mask: the stock cache's answer (cached rows in
+    /// position order, then the exact new rows); the policy compresses after.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.cached_then_exact(k, v)?;
         self.admit(k, v)?;
-        Ok(self.materialize_like(k)?.expect("cache holds the new rows"))
+        Ok(out)
     }
 
     fn materialize(&self) -> Result<Option<(Tensor, Tensor)>> {
@@ -181,7 +258,7 @@ impl KvCacheBackend for LogQuantCache {
             return Ok(None);
         };
         let like = Tensor::zeros(0, layout.dtype, &layout.device)?;
-        self.materialize_like(&like)
+        self.materialize_like(&like, RowOrder::Position)
     }
 
     fn seq_len(&self) -> usize {

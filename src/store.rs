@@ -3,8 +3,10 @@
 //!
 //! Every token is stored exactly once. Rows are kept in three parts whose concatenation,
 //! `[quantized blocks | staged | full precision]`, is the position-agnostic layout that
-//! attention reads (spec section 3): keys are cached after RoPE, so permuting K and V rows
-//! together does not change attention for the cached rows.
+//! LogQuant's own attention reads (spec section 3): keys are cached after RoPE, so permuting K
+//! and V rows together does not change attention when every cached row is visible. Wherever the
+//! engine applies its own mask, the rows are handed over in position order instead
+//! ([`SeqLayerStore::materialize_in_position_order`]): each row's position is kept for that.
 
 use std::sync::Arc;
 
@@ -19,6 +21,9 @@ use crate::quant::{Grouping, QuantBlock};
 pub struct QuantChunk {
     pub k: QuantBlock,
     pub v: QuantBlock,
+    /// Sequence position of each row, in row order (4 bytes a token of host bookkeeping, not
+    /// counted in [`QuantChunk::bytes`]).
+    pub positions: Vec<u32>,
 }
 
 impl QuantChunk {
@@ -115,6 +120,8 @@ pub struct SeqLayerStore {
     full: Option<Rows>,
     /// Evicted rows waiting for a whole per-channel key group.
     staged: Option<Rows>,
+    /// Sequence position of each staged row.
+    staged_positions: Vec<u32>,
     chunks: Vec<Arc<QuantChunk>>,
 }
 
@@ -126,6 +133,7 @@ impl SeqLayerStore {
             layout: None,
             full: None,
             staged: None,
+            staged_positions: Vec::new(),
             chunks: Vec::new(),
         }
     }
@@ -179,6 +187,15 @@ impl SeqLayerStore {
     /// and those are quantized (per-channel keys once a whole group of tokens has left).
     pub fn admit(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let (heads, n, dim) = k.dims3()?;
+        let v_dims = v.dims3()?;
+        if v_dims != (heads, n, dim) {
+            candle_core::bail!(
+                "logquant: keys {:?} and values {:?} differ in shape (a model whose K and V head \
+                 sizes differ, e.g. multi-head latent attention); use --kv-cache default",
+                (heads, n, dim),
+                v_dims
+            );
+        }
         self.config
             .validate_for_head_dim(dim)
             .map_err(|e| candle_core::Error::Msg(format!("logquant: {e}")))?;
@@ -195,6 +212,14 @@ impl SeqLayerStore {
             v: v.contiguous()?,
         };
         let extended = Rows::cat(self.full.as_ref(), &incoming)?;
+        let first_new = self.selection.len();
+        let extended_positions: Vec<usize> = self
+            .selection
+            .positions()
+            .iter()
+            .copied()
+            .chain(first_new..first_new + n)
+            .collect();
         let evicted = self.selection.admit(n);
         if evicted.is_empty() {
             self.full = Some(extended);
@@ -209,6 +234,8 @@ impl SeqLayerStore {
         let leaving = extended.select(&evicted)?.expect("evicted rows");
         self.full = extended.select(&kept)?;
         self.staged = Some(Rows::cat(self.staged.as_ref(), &leaving)?);
+        self.staged_positions
+            .extend(evicted.iter().map(|&i| extended_positions[i] as u32));
         self.flush_staged(heads, dim)
     }
 
@@ -245,9 +272,11 @@ impl SeqLayerStore {
             self.chunks.push(Arc::new(QuantChunk {
                 k: QuantBlock::quantize(&k, heads, group_tokens, dim, bits, key_grouping),
                 v: QuantBlock::quantize(&v, heads, group_tokens, dim, bits, value_grouping),
+                positions: self.staged_positions[start..start + group_tokens].to_vec(),
             }));
             start += group_tokens;
         }
+        self.staged_positions.drain(..take);
         if take < n {
             self.staged = Some(Rows {
                 k: staged.k.narrow(1, take, n - take)?.contiguous()?,
@@ -290,8 +319,53 @@ impl SeqLayerStore {
         )))
     }
 
+    /// Sequence position of each row of the layout `[quantized | staged | full precision]`.
+    pub fn layout_positions(&self) -> Vec<u32> {
+        let mut positions = Vec::with_capacity(self.len());
+        for chunk in &self.chunks {
+            positions.extend_from_slice(&chunk.positions);
+        }
+        positions.extend_from_slice(&self.staged_positions);
+        positions.extend(self.selection.positions().iter().map(|&p| p as u32));
+        positions
+    }
+
+    /// Sequence positions of the quantized rows, in layout order.
+    pub fn quantized_positions(&self) -> Vec<u32> {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.positions.iter().copied())
+            .collect()
+    }
+
+    /// The whole cache as `(heads, len, dim)` K and V in `dtype` on `device`, row `p` holding
+    /// position `p`: what the stock cache returns, for attention under the engine's own mask.
+    /// The layout is reordered by one gather (`index_select`) on `device`.
+    pub fn materialize_in_position_order(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((k, v)) = self.materialize(dtype, device)? else {
+            return Ok(None);
+        };
+        let layout = self.layout_positions();
+        if layout.iter().enumerate().all(|(i, &p)| p as usize == i) {
+            return Ok(Some((k, v)));
+        }
+        let mut row_of_position = vec![0u32; layout.len()];
+        for (row, &position) in layout.iter().enumerate() {
+            row_of_position[position as usize] = row as u32;
+        }
+        let index = Tensor::from_vec(row_of_position, layout.len(), device)?;
+        Ok(Some((
+            k.index_select(&index, 1)?,
+            v.index_select(&index, 1)?,
+        )))
+    }
+
     /// The whole cache as `(heads, len, dim)` K and V in `dtype` on `device`, laid out
-    /// `[quantized | staged | full precision]`.
+    /// `[quantized | staged | full precision]` (see [`SeqLayerStore::layout_positions`]).
     pub fn materialize(&self, dtype: DType, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
         let mut ks = Vec::new();
         let mut vs = Vec::new();

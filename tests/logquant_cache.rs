@@ -34,6 +34,8 @@ fn params() -> AttentionParams {
         n_kv_groups: Q_HEADS / KV_HEADS,
         softmax_scale: SCALE,
         softcap: None,
+        sliding_window: None,
+        sinks: None,
     }
 }
 
@@ -121,39 +123,36 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
             .unwrap();
         assert_eq!(cache.seq_len(), history.len);
 
-        // The layout: evicted rows in eviction order, then full-precision rows in order.
-        let layout: Vec<usize> = evicted_order
-            .iter()
-            .chain(replay.positions())
-            .copied()
-            .collect();
+        // `materialize` hands rows out in position order (row p holds position p), as the stock
+        // cache does; the quantized positions are the first evicted ones, in eviction order.
         let len = history.len;
-        assert_eq!(layout.len(), len);
         let (mk, mv) = cache.materialize().unwrap().expect("rows");
-        let (mk, mv) = (host(&mk), host(&mv));
+        assert_eq!(mk.dims(), [batch, KV_HEADS, len, DIM]);
+        let (ok, ov) = (host(&mk), host(&mv));
         let fp = cache.rows()[0].full_precision_positions().to_vec();
         assert_eq!(
             fp,
             replay.positions(),
             "selection differs from the replayed policy"
         );
-
-        // Rebuild K and V in original order from the layout and check each row.
-        let mut ok = vec![0f32; batch * KV_HEADS * len * DIM];
-        let mut ov = ok.clone();
         for b in 0..batch {
+            let row = &cache.rows()[b];
+            let quantized = &evicted_order[..row.quantized_tokens()];
+            let stored: Vec<usize> = row
+                .quantized_positions()
+                .iter()
+                .map(|&p| p as usize)
+                .collect();
+            assert_eq!(stored, quantized, "quantized positions");
             for h in 0..KV_HEADS {
-                for (slot, &pos) in layout.iter().enumerate() {
-                    let src = ((b * KV_HEADS + h) * len + slot) * DIM;
-                    let dst = ((b * KV_HEADS + h) * len + pos) * DIM;
+                for pos in 0..len {
+                    let got = ((b * KV_HEADS + h) * len + pos) * DIM;
                     let truth = (h * len + pos) * DIM;
-                    ok[dst..dst + DIM].copy_from_slice(&mk[src..src + DIM]);
-                    ov[dst..dst + DIM].copy_from_slice(&mv[src..src + DIM]);
-                    // Staged rows (evicted, waiting for a key group) are still exact.
-                    let exact = slot >= cache.rows()[b].quantized_tokens();
+                    // Full-precision and staged rows (evicted, waiting for a key group) are exact.
+                    let exact = !quantized.contains(&pos);
                     for (got, want) in [
-                        (&mk[src..src + DIM], &history.k[b][truth..truth + DIM]),
-                        (&mv[src..src + DIM], &history.v[b][truth..truth + DIM]),
+                        (&ok[got..got + DIM], &history.k[b][truth..truth + DIM]),
+                        (&ov[got..got + DIM], &history.v[b][truth..truth + DIM]),
                     ] {
                         let (err, at, finite) = max_abs_diff(got, want);
                         assert!(finite);
@@ -600,4 +599,166 @@ fn only_the_plain_causal_mask_is_recognized() {
     window[3 * 6] = f32::NEG_INFINITY;
     let window = Tensor::from_vec(window, (4, 6), &Device::Cpu).unwrap();
     assert!(!is_plain_causal(Some(&window), 2, 4).unwrap());
+}
+
+/// Textbook attention with the engine's additive mask `(queries, keys)` (broadcast over batch
+/// and heads), written with plain candle ops: what a model that applies its own mask computes.
+fn masked_engine(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, q_heads, queries, dim) = q.dims4()?;
+    let (_, kv_heads, keys, _) = k.dims4()?;
+    let groups = q_heads / kv_heads;
+    let q = q.reshape((b, kv_heads, groups * queries, dim))?;
+    let scores = (q.matmul(&k.t()?)? * SCALE as f64)?.reshape((b, q_heads, queries, keys))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    p.reshape((b, kv_heads, groups * queries, keys))?
+        .matmul(v)?
+        .reshape((b, q_heads, queries, dim))
+}
+
+/// An additive mask for `new` rows after `cached` ones: causal, and if `window` is set, each
+/// row sees only the last `window` positions (itself included).
+fn mask(cached: usize, new: usize, window: Option<usize>) -> Tensor {
+    let total = cached + new;
+    let data: Vec<f32> = (0..new)
+        .flat_map(|i| {
+            let me = cached + i;
+            (0..total).map(move |j| {
+                let visible = j <= me && window.is_none_or(|w| me - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(data, (new, total), &Device::Cpu).unwrap()
+}
+
+/// What models that call `append` and mask the result themselves rely on: the cache comes back
+/// in position order with the new rows exact, as from the stock cache, across a prefill longer
+/// than 3W, a chunk and decode steps (W=4 so most rows are 2-bit). Then attention under a
+/// sliding-window mask through `append_and_attend` equals masked textbook attention over the
+/// same rows in position order.
+#[test]
+fn append_hands_out_rows_in_position_order_with_new_rows_exact() {
+    let config = LogQuantConfig {
+        window: 4,
+        group_size: 16,
+        kernel: AttentionKernel::Portable,
+        ..LogQuantConfig::default()
+    }
+    .validate()
+    .unwrap();
+    let step_bound = 2.0 / 3.0 / 2.0 * 1.001 + 1e-3;
+    let batch = 2;
+    let mut rng = Rng(4242);
+    let mut cache = LogQuantCache::new(config, 100_000);
+    let mut history = History::new(batch);
+    for n in [40, 7, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 23, 1] {
+        let k = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        let v = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        let before = history.len;
+        history.push(&k, &v);
+        let (ak, av) = cache.append(&k, &v).unwrap();
+        let len = history.len;
+        assert_eq!(ak.dims(), [batch, KV_HEADS, len, DIM]);
+        let (ak, av) = (host(&ak), host(&av));
+        let mut quantized_rows = 0;
+        for b in 0..batch {
+            for h in 0..KV_HEADS {
+                for pos in 0..len {
+                    let got = ((b * KV_HEADS + h) * len + pos) * DIM;
+                    let truth = (h * len + pos) * DIM;
+                    let (ek, _, _) =
+                        max_abs_diff(&ak[got..got + DIM], &history.k[b][truth..truth + DIM]);
+                    let (ev, _, _) =
+                        max_abs_diff(&av[got..got + DIM], &history.v[b][truth..truth + DIM]);
+                    if pos >= before {
+                        assert_eq!((ek, ev), (0.0, 0.0), "new row {pos} of {n} not exact");
+                    } else {
+                        assert!(ek <= step_bound && ev <= step_bound, "row {pos}: {ek} {ev}");
+                        quantized_rows += usize::from(ek > 0.0);
+                    }
+                }
+            }
+        }
+        if before > 0 {
+            assert!(
+                quantized_rows > 0,
+                "nothing was quantized before {n} new rows"
+            );
+        }
+    }
+
+    // A chunk of 3 and a decode step under a sliding window of 9: the engine's mask picks
+    // columns by position, so any other order would attend to the wrong rows.
+    let mut windowed = params();
+    windowed.sliding_window = Some(9);
+    for n in [3, 1] {
+        let cached = cache.seq_len();
+        let q = rng.tensor((batch, Q_HEADS, n, DIM)).unwrap();
+        let k = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        let v = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
+        // A chunk attends to the cache as it was plus its exact rows; a decode step lets the
+        // policy compress first, then attends to the cache as it is after.
+        let (ck, cv) = cache.materialize().unwrap().unwrap();
+        let m = mask(cached, n, Some(9));
+        let got = cache
+            .append_and_attend(&q, &k, &v, Some(&m), &windowed, &masked_engine)
+            .unwrap();
+        let (all_k, all_v) = if n == 1 {
+            cache.materialize().unwrap().unwrap()
+        } else {
+            (
+                Tensor::cat(&[&ck, &k], 2).unwrap(),
+                Tensor::cat(&[&cv, &v], 2).unwrap(),
+            )
+        };
+        let want = masked_engine(&q, &all_k, &all_v, Some(&m)).unwrap();
+        let (err, at, finite) = max_abs_diff(&host(&got), &host(&want));
+        assert!(finite && err < 1e-5, "chunk of {n}: error {err} at {at}");
+    }
+}
+
+/// The load-time refusals: a latent (MLA) cache, K and V heads of different sizes, a head size
+/// the group size does not divide; an ordinary GQA model passes.
+#[test]
+fn models_logquant_cannot_cache_are_refused_with_one_line() {
+    use mistralrs_core::kv_cache_backend::{LayerKvShape, ModelKvShape};
+    use mistralrs_logquant::backend::check_model_shape;
+    let layer = |k_head_dim, v_head_dim| LayerKvShape {
+        kv_heads: 2,
+        k_head_dim,
+        v_head_dim,
+    };
+    let shape = |layers, latent_attention| ModelKvShape {
+        layers,
+        latent_attention,
+    };
+    let config = LogQuantConfig::default(); // group size 64
+    assert_eq!(
+        check_model_shape(&config, &shape(vec![layer(64, 64); 3], false)),
+        Ok(())
+    );
+    let cases = [
+        (shape(vec![layer(192, 128)], true), "multi-head latent"),
+        (
+            shape(vec![layer(64, 64), layer(192, 128)], false),
+            "layer 1 has key heads of 192 and value heads of 128",
+        ),
+        (
+            shape(vec![layer(96, 96)], false),
+            "does not divide head_dim 96",
+        ),
+    ];
+    for (shape, want) in cases {
+        let err = check_model_shape(&config, &shape).unwrap_err();
+        assert!(err.contains(want), "{err:?} lacks {want:?}");
+        assert!(!err.contains('\n'), "{err:?} is not one line");
+    }
 }

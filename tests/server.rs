@@ -20,6 +20,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_mistralrs-logquant");
 struct Server {
     child: Child,
     base: String,
+    /// Every line the server wrote to stdout.
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -31,6 +33,10 @@ impl Drop for Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         // The test helper fetches the default model first, so the server never downloads.
         let _ = common::model();
         let mut child = Command::new(BIN)
@@ -38,6 +44,7 @@ impl Server {
             .args(["-p", "0"])
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -45,17 +52,24 @@ impl Server {
             .expect("spawn server");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(url) = line.split("on http://").nth(1) {
                     let _ = tx.send(format!("http://{}", url.trim()));
                 }
+                seen.lock().unwrap().push(line);
             }
         });
         let base = rx
             .recv_timeout(Duration::from_secs(300))
             .expect("server did not report its address");
-        Server { child, base }
+        Server {
+            child,
+            base,
+            stdout: lines,
+        }
     }
 
     fn client(&self) -> Client<OpenAIConfig> {
@@ -302,6 +316,12 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
     let cases: &[(&[&str], &str)] = &[
         (&["--kv-bits", "3"], "--kv-bits"),
         (&["--kv-window", "0"], "--kv-window"),
+        // Issue 14, fault 2: LogQuant values are checked with every cache.
+        (&["--kv-cache", "default", "--kv-bits", "3"], "--kv-bits"),
+        (
+            &["--kv-cache", "default", "--kv-window", "0"],
+            "--kv-window",
+        ),
         (&["--kv-group-size", "6"], "--kv-group-size"),
         (&["--kv-policy", "oldest"], "--kv-policy"),
         (&["--kv-key-grouping", "x"], "--kv-key-grouping"),
@@ -329,4 +349,498 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
+}
+
+// ---- Issue 14: faults found by replaying public bug reports against `serve` and `run`. ----
+
+/// A copy of the default model whose GGUF metadata says the context is `n` tokens (the weights
+/// are untouched), so that filling the context takes seconds, not minutes.
+fn model_with_context(n: u32) -> std::path::PathBuf {
+    let source = common::model();
+    let source = match &source {
+        mistralrs_logquant::model_source::ModelSource::Gguf(path) => path.clone(),
+        other => panic!("default model is not a GGUF file: {other:?}"),
+    };
+    let mut bytes = std::fs::read(&source).unwrap();
+    let key = b"llama.context_length";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("llama.context_length in the GGUF metadata");
+    let kind_at = at + key.len();
+    let kind = u32::from_le_bytes(bytes[kind_at..kind_at + 4].try_into().unwrap());
+    let value_at = kind_at + 4;
+    match kind {
+        4 => bytes[value_at..value_at + 4].copy_from_slice(&n.to_le_bytes()),
+        10 => bytes[value_at..value_at + 8].copy_from_slice(&u64::from(n).to_le_bytes()),
+        other => panic!("llama.context_length has GGUF type {other}"),
+    }
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("smollm2-135m-context-{n}.gguf"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The body of an error response, parsed by async-openai: OpenAI's `{"error": {...}}`.
+fn openai_error(status: u16, text: &str) -> async_openai::error::ApiError {
+    serde_json::from_str::<async_openai::error::WrappedError>(text)
+        .unwrap_or_else(|e| panic!("status {status}: not an OpenAI error ({e}): {text}"))
+        .error
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .filter(|d| d != "[DONE]")
+        .collect()
+}
+
+impl Server {
+    async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, String) {
+        self.post(path, body.to_string()).await
+    }
+
+    /// A good request still gets an answer.
+    async fn still_serves(&self, after: &str) {
+        let ok = self
+            .client()
+            .chat()
+            .create(chat_request("Say hello.", 3))
+            .await;
+        assert!(ok.is_ok(), "after {after}: {ok:?}");
+    }
+
+    /// Nothing stays live once the engine has released finished sequences.
+    async fn assert_no_live_sequence(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let report = self.get_json("/v1/kv-cache").await;
+            if report["live_sequences"] == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sequences still live: {report}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Fault 1: a LogQuant value that only the loaded model can refute (G=48 against head_dim 64)
+/// refuses the start with one line, instead of a healthy server whose every request fails.
+#[test]
+fn a_value_the_model_refutes_refuses_the_start() {
+    let _ = common::model();
+    let mut child = Command::new(BIN)
+        .args(["serve", "-p", "0", "--kv-group-size", "48"])
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve --kv-group-size 48 started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    assert!(!stdout.contains("Serving"), "{stdout}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("group size 48 does not divide head_dim 64"),
+        "{stderr}"
+    );
+}
+
+/// Fault 2: LogQuant flags with another cache are named once on stderr, not silently ignored.
+#[test]
+fn logquant_flags_with_the_default_cache_are_named() {
+    let out = Command::new(BIN)
+        .args(["serve", "--kv-cache", "default", "--kv-bits", "4"])
+        .args(["--model-id", "/nonexistent/model.gguf"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: --kv-bits only apply to --kv-cache logquant"),
+        "{stderr}"
+    );
+}
+
+/// Faults 3, 4 and 8 through `run`: the length limit holds when greedy, stdout carries only
+/// the answer (no GGUF metadata), and a reply that fills the context stops there.
+#[test]
+fn run_keeps_to_max_tokens_the_context_and_stdout() {
+    let _ = common::model();
+    let out = Command::new(BIN)
+        .args(["run", "-i", "Count from 1 to 100, one number per line."])
+        .args(["--max-tokens", "5"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stdout.contains("general.") && !stdout.contains("llama."),
+        "metadata on stdout: {stdout}"
+    );
+    // Five tokens: at most five words and a few characters each (the unbounded reply counted
+    // to 30 and beyond).
+    let words = stdout.split_whitespace().count();
+    assert!(
+        (1..=5).contains(&words) && stdout.trim().chars().count() <= 40,
+        "--max-tokens 5 printed {words} words: {stdout:?}"
+    );
+
+    // A 128-token context: a long input and a large --max-tokens end at the context.
+    let model = model_with_context(128);
+    let text = common::shared_text();
+    let words: Vec<&str> = text.split_whitespace().take(60).collect();
+    let out = Command::new(BIN)
+        .args(["run", "-m", model.to_str().unwrap(), "--max-tokens", "1000"])
+        .args(["-i", &format!("Continue: {}", words.join(" "))])
+        .env("RUST_LOG", "error")
+        .env("CANDLE_DEQUANTIZE_ALL", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.trim().is_empty(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Faults 4 to 8 against one server: the context limit, log-probabilities, sampling
+/// parameters, OpenAI's error shape, stdout; the server keeps serving after every case and
+/// leaks no sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_answers_real_client_traffic_in_openais_shape() {
+    const CONTEXT: u64 = 192;
+    let model = model_with_context(CONTEXT as u32);
+    let server = Server::start_with_env(
+        &["-m", model.to_str().unwrap()],
+        &[("CANDLE_DEQUANTIZE_ALL", "1")],
+    );
+    let text = common::shared_text();
+    let words: Vec<&str> = text.split_whitespace().collect();
+
+    // Fault 4: a completion that fills the context stops there with "length" and its text.
+    let prompt = words[..110].join(" ");
+    let (status, body) = server
+        .post_json(
+            "/v1/completions",
+            serde_json::json!({"model": "default", "prompt": prompt, "max_tokens": 1000,
+                               "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let response: async_openai::types::completions::CreateCompletionResponse =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let usage = response.usage.clone().unwrap();
+    assert_eq!(
+        u64::from(usage.prompt_tokens + usage.completion_tokens),
+        CONTEXT,
+        "{body}"
+    );
+    assert!(usage.completion_tokens > 0, "{body}");
+    assert_eq!(
+        serde_json::to_value(&response.choices[0].finish_reason).unwrap(),
+        "length",
+        "{body}"
+    );
+    assert!(!response.choices[0].text.is_empty(), "{body}");
+    server.still_serves("filling the context").await;
+    // Streamed, the same.
+    let (status, body) = server
+        .post_json(
+            "/v1/completions",
+            serde_json::json!({"model": "default", "prompt": prompt, "max_tokens": 1000,
+                               "temperature": 0, "stream": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let chunks: Vec<async_openai::types::completions::CreateCompletionResponse> = sse_data(&body)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .map(|c| c.text.as_str())
+        .collect();
+    assert_eq!(streamed, response.choices[0].text, "{body}");
+    let finish = chunks
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .find_map(|c| c.finish_reason);
+    assert_eq!(serde_json::to_value(finish).unwrap(), "length", "{body}");
+    server
+        .still_serves("a streamed reply filling the context")
+        .await;
+
+    // Faults 4 and 7: a prompt past the context is a 400 up front, in OpenAI's shape; streamed,
+    // an error event in OpenAI's shape.
+    let long = words[..400].join(" ");
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let body = if path.ends_with("chat/completions") {
+            serde_json::json!({"model": "default", "messages": [{"role": "user", "content": long}]})
+        } else {
+            serde_json::json!({"model": "default", "prompt": long})
+        };
+        let (status, text) = server.post_json(path, body.clone()).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        let error = openai_error(status, &text);
+        assert_eq!(
+            error.code.as_deref(),
+            Some("context_length_exceeded"),
+            "{text}"
+        );
+        assert_eq!(
+            error.r#type.as_deref(),
+            Some("invalid_request_error"),
+            "{text}"
+        );
+        let mut streamed = body;
+        streamed["stream"] = true.into();
+        let (_, text) = server.post_json(path, streamed).await;
+        let events = sse_data(&text);
+        assert!(!events.is_empty(), "{text}");
+        for event in &events {
+            let error = openai_error(200, event);
+            assert!(error.message.contains("length"), "{event}");
+        }
+        server.still_serves(path).await;
+    }
+
+    // Fault 5: log-probabilities of the distribution, alternatives as strings.
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "default", "logprobs": true, "top_logprobs": 5,
+                "temperature": 0, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Name a colour."}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let response: async_openai::types::chat::CreateChatCompletionResponse =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let content = response.choices[0]
+        .logprobs
+        .as_ref()
+        .and_then(|l| l.content.clone())
+        .unwrap_or_else(|| panic!("no logprobs: {body}"));
+    assert!(!content.is_empty(), "{body}");
+    let mut text = String::new();
+    for entry in &content {
+        assert!(entry.logprob <= 0.0, "positive logprob: {body}");
+        assert_eq!(entry.top_logprobs.len(), 5, "{body}");
+        let mass: f32 = entry.top_logprobs.iter().map(|t| t.logprob.exp()).sum();
+        assert!(
+            mass <= 1.0 + 1e-4,
+            "alternatives hold {mass} of the mass: {body}"
+        );
+        // Greedy: the chosen token is the most likely alternative, with the same value.
+        assert_eq!(entry.top_logprobs[0].token, entry.token, "{body}");
+        assert!((entry.top_logprobs[0].logprob - entry.logprob).abs() < 1e-5);
+        assert!(
+            entry.top_logprobs.iter().all(|t| t.logprob <= 0.0),
+            "{body}"
+        );
+        text.push_str(&entry.token);
+    }
+    assert_eq!(
+        Some(text),
+        response.choices[0].message.content.clone(),
+        "tokens do not spell the reply"
+    );
+    // Sampled with top_p: every alternative has a value (none cut to null).
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "default", "logprobs": true, "top_logprobs": 5,
+                "temperature": 1, "top_p": 0.5, "seed": 1, "max_tokens": 4, "stream": true,
+                "messages": [{"role": "user", "content": "Name a colour."}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for data in sse_data(&body) {
+        let chunk: async_openai::types::chat::CreateChatCompletionStreamResponse =
+            serde_json::from_str(&data).unwrap_or_else(|e| panic!("{e}: {data}"));
+        for choice in &chunk.choices {
+            for entry in choice
+                .logprobs
+                .as_ref()
+                .and_then(|l| l.content.clone())
+                .unwrap_or_default()
+            {
+                assert!(entry.logprob <= 0.0, "{data}");
+                assert_eq!(entry.top_logprobs.len(), 5, "{data}");
+            }
+        }
+    }
+    // The legacy completions shape.
+    let (status, body) = server
+        .post_json(
+            "/v1/completions",
+            serde_json::json!({"model": "default", "prompt": "The river", "logprobs": 2,
+                               "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let response: async_openai::types::completions::CreateCompletionResponse =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let choice = &response.choices[0];
+    let logprobs = choice.logprobs.as_ref().unwrap_or_else(|| panic!("{body}"));
+    let n = logprobs.tokens.len();
+    assert!(n > 0, "{body}");
+    assert_eq!(logprobs.token_logprobs.len(), n, "{body}");
+    assert_eq!(logprobs.top_logprobs.len(), n, "{body}");
+    assert_eq!(logprobs.text_offset.len(), n, "{body}");
+    // mistral.rs trims the completion's leading space; the tokens keep it.
+    assert_eq!(
+        logprobs.tokens.concat().trim_start(),
+        choice.text.trim_start(),
+        "{body}"
+    );
+    let mut offset = 0;
+    for i in 0..n {
+        assert_eq!(logprobs.text_offset[i], offset, "{body}");
+        offset += logprobs.tokens[i].chars().count() as u32;
+        assert!(
+            logprobs.token_logprobs[i].is_some_and(|v| v <= 0.0),
+            "{body}"
+        );
+        let tops = logprobs.top_logprobs[i].as_object().unwrap();
+        assert!(!tops.is_empty() && tops.len() <= 2, "{body}");
+        assert!(tops.values().all(|v| v.as_f64().is_some_and(|v| v <= 0.0)));
+    }
+    server.still_serves("logprobs").await;
+
+    // Fault 6: sampling parameters.
+    let chat = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "default", "max_tokens": 12,
+            "messages": [{"role": "user", "content": "Write a line about rain."}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let mut texts = Vec::new();
+    for extra in [
+        serde_json::json!({"temperature": 1.0, "seed": 7}),
+        serde_json::json!({"temperature": 1.0, "seed": 7}),
+        serde_json::json!({"temperature": 0}),
+        serde_json::json!({"temperature": 1.0, "top_p": 0}),
+    ] {
+        let (status, body) = server
+            .post_json("/v1/chat/completions", chat(extra.clone()))
+            .await;
+        assert_eq!(status, 200, "{extra}: {body}");
+        let response: async_openai::types::chat::CreateChatCompletionResponse =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        texts.push(
+            response.choices[0]
+                .message
+                .content
+                .clone()
+                .unwrap_or_default(),
+        );
+    }
+    assert_eq!(texts[0], texts[1], "seed 7 twice gave two texts");
+    assert_eq!(texts[3], texts[2], "top_p 0 is not greedy");
+    for (extra, field) in [
+        (serde_json::json!({"temperature": -1}), "temperature"),
+        (serde_json::json!({"max_tokens": 0}), "max_tokens"),
+        (serde_json::json!({"top_p": 2}), "top_p"),
+        (
+            serde_json::json!({"presence_penalty": 3}),
+            "presence_penalty",
+        ),
+        (
+            serde_json::json!({"response_format": {"type": "yaml"}}),
+            "response_format",
+        ),
+    ] {
+        let (status, body) = server
+            .post_json("/v1/chat/completions", chat(extra.clone()))
+            .await;
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert_eq!(
+            openai_error(status, &body).param.as_deref(),
+            Some(field),
+            "{body}"
+        );
+    }
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            chat(serde_json::json!({"temperature": 0, "max_tokens": 24,
+                                    "response_format": {"type": "json_object"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "json_object: {body}");
+    let response: async_openai::types::chat::CreateChatCompletionResponse =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let content = response.choices[0]
+        .message
+        .content
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        content.trim_start().starts_with('{'),
+        "json_object: {content:?}"
+    );
+    server.still_serves("sampling parameters").await;
+
+    // Fault 7: the project's own 4xx and axum's rejections share OpenAI's shape too.
+    for (path, body) in [
+        ("/v1/chat/completions", "{not json".to_string()),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"default","messages":[]}"#.to_string(),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"default","messages":"hi","n":"x"}"#.to_string(),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"default","messages":[{"content":"hi"}]}"#.to_string(),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"default","prompt":""}"#.to_string(),
+        ),
+    ] {
+        let (status, text) = server.post(path, body.clone()).await;
+        assert!((400..500).contains(&status), "{body}: {status} {text}");
+        openai_error(status, &text);
+    }
+
+    // Fault 8: the server's stdout is its one address line.
+    let stdout = server.stdout.lock().unwrap().clone();
+    assert_eq!(stdout.len(), 1, "{stdout:?}");
+    server.still_serves("everything").await;
+    server.assert_no_live_sequence().await;
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod openai;
 pub mod report;
 pub mod run;
 pub mod serve;
@@ -142,6 +143,7 @@ impl CacheArgs {
             .clone()
             .or(file.kv_cache)
             .unwrap_or_else(|| "logquant".to_string());
+        let file_has_logquant = file.logquant.is_some();
         let mut config = file.logquant.unwrap_or_default();
         if let Some(v) = self.kv_bits {
             config.bits = v;
@@ -168,12 +170,44 @@ impl CacheArgs {
             config.kernel = v.parse::<AttentionKernel>().map_err(flag_error)?;
         }
         let choice: KvCacheChoice = name.parse()?;
+        // LogQuant's values are checked whichever cache runs: a bad value is an error even
+        // where it would not be used.
+        let config = config.validate().map_err(flag_error)?;
         Ok(match choice {
-            KvCacheChoice::LogQuant(_) => {
-                KvCacheChoice::LogQuant(config.validate().map_err(flag_error)?)
+            KvCacheChoice::LogQuant(_) => KvCacheChoice::LogQuant(config),
+            other => {
+                let given = self.logquant_flags_given(file_has_logquant);
+                if !given.is_empty() {
+                    eprintln!(
+                        "warning: {} only apply to --kv-cache logquant; the {} KV cache ignores them",
+                        given.join(", "),
+                        other.name()
+                    );
+                }
+                other
             }
-            other => other,
         })
+    }
+
+    /// The LogQuant options that were set (flags, or the config file's `[logquant]` table).
+    fn logquant_flags_given(&self, file_has_logquant: bool) -> Vec<&'static str> {
+        let mut given: Vec<&'static str> = [
+            (self.kv_bits.is_some(), "--kv-bits"),
+            (self.kv_window.is_some(), "--kv-window"),
+            (self.kv_group_size.is_some(), "--kv-group-size"),
+            (self.kv_key_grouping.is_some(), "--kv-key-grouping"),
+            (self.kv_policy.is_some(), "--kv-policy"),
+            (self.kv_recent.is_some(), "--kv-recent"),
+            (self.kv_sink.is_some(), "--kv-sink"),
+            (self.kv_kernel.is_some(), "--kv-kernel"),
+        ]
+        .into_iter()
+        .filter_map(|(set, flag)| set.then_some(flag))
+        .collect();
+        if file_has_logquant {
+            given.push("the --kv-config [logquant] table");
+        }
+        given
     }
 }
 
@@ -282,6 +316,26 @@ mod tests {
                 "{args:?}: not one line: {err}"
             );
         }
+    }
+
+    #[test]
+    fn logquant_values_are_checked_with_every_cache() {
+        for cache in ["default", "passthrough"] {
+            let err = parse(&["--kv-cache", cache, "--kv-bits", "3"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--kv-bits"), "{cache}: {err}");
+            let err = parse(&["--kv-cache", cache, "--kv-window", "0"])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--kv-window"), "{cache}: {err}");
+        }
+        let cli =
+            Cli::try_parse_from(["x", "serve", "--kv-cache", "default", "--kv-bits", "4"]).unwrap();
+        let Command::Serve(a) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(a.cache.logquant_flags_given(false), ["--kv-bits"]);
     }
 
     #[test]

@@ -80,12 +80,14 @@ async fn reply(
     history: &[(TextMessageRole, String)],
     args: &RunArgs,
 ) -> Result<String> {
-    let mut request = RequestBuilder::new().set_sampler_max_len(args.max_tokens);
-    request = if args.temperature == 0.0 {
-        request.set_deterministic_sampler()
+    // The length limit goes last: `set_deterministic_sampler` replaces every sampling
+    // parameter, the limit included.
+    let request = if args.temperature == 0.0 {
+        RequestBuilder::new().set_deterministic_sampler()
     } else {
-        request.set_sampler_temperature(args.temperature)
+        RequestBuilder::new().set_sampler_temperature(args.temperature)
     };
+    let mut request = request.set_sampler_max_len(args.max_tokens);
     for (role, text) in history {
         request = request.add_message(role.clone(), text);
     }

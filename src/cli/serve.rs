@@ -16,6 +16,7 @@ use mistralrs_core::MistralRs;
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use serde_json::json;
 
+use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
 use crate::engine::{build_engine, KvCacheChoice};
 
@@ -69,17 +70,9 @@ pub fn kv_cache_report(choice: &KvCacheChoice) -> serde_json::Value {
 /// Largest request body accepted (prompts up to the context fit many times over).
 const MAX_BODY_BYTES: usize = 16 << 20;
 
-/// An OpenAI-style error response.
-fn error_response(status: StatusCode, kind: &str, message: String) -> Response {
-    (
-        status,
-        Json(json!({ "error": { "message": message, "type": kind } })),
-    )
-        .into_response()
-}
-
-/// Reject malformed completion requests with a 4xx and an OpenAI-style error body before they
-/// reach the engine: bad JSON, an unknown model, no messages or an empty prompt.
+/// Reject malformed completion requests with a 4xx in OpenAI's error shape before they reach
+/// the engine (bad JSON, an unknown model, no messages or an empty prompt, out-of-range
+/// sampling parameters), and bring every answer into OpenAI's shape (see [`openai`]).
 async fn validate_request(
     State(engine): State<Arc<MistralRs>>,
     request: Request,
@@ -91,81 +84,93 @@ async fn validate_request(
     if request.method() != axum::http::Method::POST || !(is_chat || is_completion) {
         return next.run(request).await;
     }
+    let endpoint = if is_chat {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completion
+    };
     let (parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("request body unreadable or over {MAX_BODY_BYTES} bytes: {e}"),
-            )
-        }
+    let (body, checked) = match check_body(&engine, endpoint, body).await {
+        Ok(checked) => checked,
+        Err(e) => return e.into_response(),
     };
-    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("request body is not valid JSON: {e}"),
-            )
-        }
+    let request = Request::from_parts(parts, body);
+    let response = match checked.seed {
+        Some(seed) => mistralrs_core::with_request_seed(seed, next.run(request)).await,
+        None => next.run(request).await,
     };
-    let Some(object) = value.as_object() else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "request body must be a JSON object".into(),
-        );
+    openai::shape_response(endpoint, response).await
+}
+
+/// The checked (and possibly rewritten) body of a chat or completion request.
+async fn check_body(
+    engine: &MistralRs,
+    endpoint: Endpoint,
+    body: Body,
+) -> Result<(Body, openai::Checked), ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..ApiError::invalid(format!(
+                "request body unreadable or over {MAX_BODY_BYTES} bytes: {e}"
+            ))
+        })?;
+    let mut value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(ApiError::invalid("request body must be a JSON object"));
     };
     match object.get("model").and_then(|m| m.as_str()) {
         None => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "`model` is required (use \"default\" for the served model)".into(),
-            )
+            return Err(ApiError::field(
+                "model",
+                "`model` is required (use \"default\" for the served model)",
+            ))
         }
         Some(model) => {
             if model != "default" && !engine.model_exists(model).unwrap_or(false) {
                 let known = engine.list_models().unwrap_or_default().join(", ");
-                return error_response(
-                    StatusCode::NOT_FOUND,
-                    "model_not_found",
-                    format!("model `{model}` is not served (available: default, {known})"),
-                );
+                return Err(ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    param: Some("model".into()),
+                    code: Some("model_not_found"),
+                    ..ApiError::invalid(format!(
+                        "model `{model}` is not served (available: default, {known})"
+                    ))
+                });
             }
         }
     }
-    if is_chat {
-        let empty = object
-            .get("messages")
-            .and_then(|m| m.as_array())
-            .is_none_or(|m| m.is_empty());
-        if empty {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "`messages` must be a non-empty list".into(),
-            );
+    match endpoint {
+        Endpoint::Chat => {
+            let empty = object
+                .get("messages")
+                .and_then(|m| m.as_array())
+                .is_none_or(|m| m.is_empty());
+            if empty {
+                return Err(ApiError::field(
+                    "messages",
+                    "`messages` must be a non-empty list",
+                ));
+            }
         }
-    } else {
-        let empty = match object.get("prompt") {
-            Some(serde_json::Value::String(p)) => p.is_empty(),
-            Some(serde_json::Value::Array(a)) => a.is_empty(),
-            _ => true,
-        };
-        if empty {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "`prompt` must be a non-empty string".into(),
-            );
+        Endpoint::Completion => {
+            let empty = match object.get("prompt") {
+                Some(serde_json::Value::String(p)) => p.is_empty(),
+                Some(serde_json::Value::Array(a)) => a.is_empty(),
+                _ => true,
+            };
+            if empty {
+                return Err(ApiError::field(
+                    "prompt",
+                    "`prompt` must be a non-empty string",
+                ));
+            }
         }
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    let checked = openai::check_request(endpoint, object)?;
+    Ok((Body::from(value.to_string()), checked))
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
