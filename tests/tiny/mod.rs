@@ -1,0 +1,711 @@
+//! Tiny random-weight models, written at test time in the exact on-disk forms mistral.rs 0.8.1
+//! loads: a safetensors directory (HF `config.json`, word-level `tokenizer.json`,
+//! `tokenizer_config.json`, one `model.safetensors`) or a single GGUF file (f32 tensors, the
+//! tokenizer in the metadata). Tensor names and config keys follow the 0.8.1 model files
+//! (`models/<arch>.rs`, `models/quantized_<arch>.rs`); every model has 2 layers, hidden size 128,
+//! head_dim 32 and (where the architecture has it) 4 query heads over 2 KV heads.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+pub const VOCAB: usize = 256;
+pub const HIDDEN: usize = 128;
+pub const HEADS: usize = 4;
+pub const KV_HEADS: usize = 2;
+pub const HEAD_DIM: usize = 32;
+pub const INTERMEDIATE: usize = 256;
+pub const LAYERS: usize = 2;
+pub const EXPERTS: usize = 4;
+/// Ids 0..3 are `<unk>`, `<s>`, `</s>`; every other id is a plain word.
+pub const FIRST_WORD: u32 = 3;
+
+/// The architectures of the matrix, safetensors and GGUF forms together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi2,
+    Phi3,
+    Gemma,
+    Gemma2,
+    Starcoder2,
+    Mixtral,
+    Qwen3Moe,
+    /// Multi-head latent attention: K head size 48 (32 no-RoPE + 16 RoPE), V head size 32.
+    DeepseekV2,
+}
+
+/// splitmix64 + Box-Muller: a fixed seed gives the same weights on every platform (candle's CPU
+/// `randn` has no seed).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    pub fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    /// `n` plain-word token ids (never a special token).
+    pub fn words(&mut self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| FIRST_WORD + (self.next_u64() % (VOCAB as u64 - FIRST_WORD as u64)) as u32)
+            .collect()
+    }
+}
+
+/// Named tensors with a deterministic fill.
+struct Weights {
+    rng: Rng,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl Weights {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng::new(seed),
+            tensors: Vec::new(),
+        }
+    }
+
+    fn normal(&mut self, name: &str, shape: &[usize], std: f32) {
+        let n = shape.iter().product();
+        let data = (0..n).map(|_| std * self.rng.normal()).collect();
+        self.tensors.push((name.to_string(), shape.to_vec(), data));
+    }
+
+    /// A linear layer's weight `[out, in]`, scaled so outputs have about unit variance for
+    /// unit-variance inputs (times `gain`).
+    fn linear(&mut self, name: &str, out: usize, inp: usize, gain: f32) {
+        self.normal(name, &[out, inp], gain / (inp as f32).sqrt());
+    }
+
+    fn constant(&mut self, name: &str, shape: &[usize], value: f32) {
+        let n = shape.iter().product();
+        self.tensors
+            .push((name.to_string(), shape.to_vec(), vec![value; n]));
+    }
+
+    fn tensor(shape: &[usize], data: &[f32]) -> Tensor {
+        Tensor::from_slice(data, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn save_safetensors(&self, path: &Path) {
+        let map: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(name, shape, data)| (name.clone(), Self::tensor(shape, data)))
+            .collect();
+        candle_core::safetensors::save(&map, path).expect("write safetensors");
+    }
+}
+
+/// Gains: attention scores of about unit scale (so attention depends on position and content),
+/// logits with a spread of a few nats (a peaked but not one-hot next-token distribution).
+const QK_GAIN: f32 = 1.5;
+const LM_HEAD_GAIN: f32 = 3.0;
+const EMBED_STD: f32 = 1.0;
+const BIAS_STD: f32 = 0.05;
+/// With tied embeddings the logits are `norm(h) . embedding`: if the residual stream were the
+/// input embedding, every step would predict its own input token again (measured: 1 distinct
+/// greedy token). These models get small embeddings and layer outputs 3x larger.
+const TIED_EMBED_STD: f32 = 0.3;
+const TIED_OUT_GAIN: f32 = 3.0;
+/// Gemma multiplies its input embedding by sqrt(hidden) = 11.3, so its layers must write
+/// much more to outweigh it.
+const GEMMA_OUT_GAIN: f32 = 25.0;
+
+impl Arch {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Llama => "LlamaForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
+            Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Phi2 => "PhiForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
+            Self::Gemma => "GemmaForCausalLM",
+            Self::Gemma2 => "Gemma2ForCausalLM",
+            Self::Starcoder2 => "Starcoder2ForCausalLM",
+            Self::Mixtral => "MixtralForCausalLM",
+            Self::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Self::DeepseekV2 => "DeepseekV2ForCausalLM",
+        }
+    }
+
+    /// `general.architecture` of the GGUF form, for the architectures 0.8.1 loads from GGUF.
+    pub fn gguf_name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
+            Self::Phi2 => "phi2",
+            Self::Phi3 => "phi3",
+            Self::Starcoder2 => "starcoder2",
+            _ => return None,
+        })
+    }
+
+    /// quantized_phi2.rs, quantized_phi3.rs and quantized_starcoder2.rs take each layer's
+    /// matrices apart as `QMatMul::QTensor` and hit `unreachable!()` on an f32 tensor (candle
+    /// turns f32/f16 GGUF tensors into plain tensors): those forms get Q8_0 layer matrices.
+    pub fn gguf_needs_quantized_matrices(self) -> bool {
+        matches!(self, Self::Phi2 | Self::Phi3 | Self::Starcoder2)
+    }
+
+    fn kv_heads(self, gguf: bool) -> usize {
+        match self {
+            // quantized_phi2.rs splits the fused QKV into 3 x n_head: no GQA in that form.
+            Self::Phi2 if gguf => HEADS,
+            // deepseek2.rs: MLA expands K and V to every query head.
+            Self::DeepseekV2 => HEADS,
+            _ => KV_HEADS,
+        }
+    }
+
+    fn tied(self) -> bool {
+        matches!(self, Self::Gemma | Self::Gemma2 | Self::Starcoder2)
+    }
+
+    /// Standard deviation of the embedding table.
+    fn embed_std(self) -> f32 {
+        if self.tied() {
+            TIED_EMBED_STD
+        } else {
+            EMBED_STD
+        }
+    }
+
+    /// Gain of the layers that write into the residual stream (o_proj, down_proj).
+    fn out_gain(self) -> f32 {
+        match self {
+            Self::Gemma | Self::Gemma2 => GEMMA_OUT_GAIN,
+            _ if self.tied() => TIED_OUT_GAIN,
+            _ => 1.0,
+        }
+    }
+
+    fn seed(self) -> u64 {
+        0x5EED_0000 + self as u64
+    }
+
+    /// config.json in the HF form the 0.8.1 loader deserializes.
+    fn hf_config(self) -> Value {
+        let mut c = json!({
+            "architectures": [self.hf_name()],
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "intermediate_size": INTERMEDIATE,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": self.kv_heads(false),
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": false,
+            // No sliding window: sliding-window layers keep mistral.rs's own rotating cache.
+            "sliding_window": null,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        });
+        let extra = match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => json!({}),
+            Self::Qwen3 => json!({
+                "head_dim": HEAD_DIM, "max_window_layers": LAYERS, "use_sliding_window": false,
+            }),
+            Self::Qwen3Moe => json!({
+                "head_dim": HEAD_DIM, "max_window_layers": LAYERS, "use_sliding_window": false,
+                "moe_intermediate_size": INTERMEDIATE / 2, "num_experts": EXPERTS,
+                "mlp_only_layers": [], "decoder_sparse_step": 1, "norm_topk_prob": true,
+                "num_experts_per_tok": 2,
+            }),
+            Self::Mixtral => json!({"num_local_experts": EXPERTS, "num_experts_per_tok": 2}),
+            Self::Phi2 => json!({
+                "hidden_act": "gelu_new", "layer_norm_eps": 1e-5,
+                // 0.8.1's phi2.rs builds a partial RoPE table but applies it to the whole head
+            // ("inconsistent last dim size in rope [1, 4, 48, 32] [48, 8] [48, 8]" with 0.5).
+            "partial_rotary_factor": 1.0, "qk_layernorm": false,
+            }),
+            Self::Phi3 => json!({
+                "rope_scaling": null, "original_max_position_embeddings": 4096,
+                "partial_rotary_factor": null,
+            }),
+            Self::Gemma => json!({
+                "head_dim": HEAD_DIM, "attention_bias": false, "hidden_act": null,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true,
+            }),
+            Self::Gemma2 => json!({
+                "head_dim": HEAD_DIM, "attention_bias": false, "hidden_act": null,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true,
+                // Required by 0.8.1 for every layer; as long as the context it is full attention.
+                "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0, "query_pre_attn_scalar": HEAD_DIM,
+            }),
+            Self::Starcoder2 => json!({
+                "hidden_act": "gelu_pytorch_tanh", "norm_epsilon": 1e-5, "use_bias": true,
+                "tie_word_embeddings": true,
+            }),
+            Self::DeepseekV2 => json!({
+                "moe_intermediate_size": INTERMEDIATE / 2, "n_shared_experts": null,
+                "n_routed_experts": null, "num_experts_per_tok": null, "rope_scaling": null,
+                "attention_bias": false, "q_lora_rank": null, "qk_rope_head_dim": 16,
+                "kv_lora_rank": 32, "v_head_dim": HEAD_DIM, "qk_nope_head_dim": HEAD_DIM,
+                "n_group": 1, "topk_group": 1,
+            }),
+        };
+        for (k, v) in extra.as_object().expect("object") {
+            c[k] = v.clone();
+        }
+        c
+    }
+
+    /// Every tensor the 0.8.1 safetensors loader of this architecture reads.
+    fn hf_weights(self) -> Weights {
+        let mut w = Weights::new(self.seed());
+        let (h, d, i) = (HIDDEN, HEAD_DIM, INTERMEDIATE);
+        let (q_out, kv_out) = (HEADS * d, self.kv_heads(false) * d);
+        // Gemma's RMSNorm multiplies by (1 + weight).
+        let norm_one = if matches!(self, Self::Gemma | Self::Gemma2) {
+            0.0
+        } else {
+            1.0
+        };
+        let layer_norm = |w: &mut Weights, name: &str, with_bias: bool| {
+            w.constant(&format!("{name}.weight"), &[h], norm_one);
+            if with_bias {
+                w.constant(&format!("{name}.bias"), &[h], 0.0);
+            }
+        };
+        let biased = matches!(self, Self::Phi2 | Self::Starcoder2);
+        let out_gain = self.out_gain();
+        w.normal("model.embed_tokens.weight", &[VOCAB, h], self.embed_std());
+        for l in 0..LAYERS {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            match self {
+                Self::Phi3 => {
+                    w.linear(
+                        &format!("{a}.qkv_proj.weight"),
+                        q_out + 2 * kv_out,
+                        h,
+                        QK_GAIN,
+                    );
+                    w.linear(&format!("{a}.o_proj.weight"), h, q_out, out_gain);
+                }
+                Self::DeepseekV2 => {
+                    let (rope, lora) = (16, 32);
+                    w.linear(
+                        &format!("{a}.q_proj.weight"),
+                        HEADS * (d + rope),
+                        h,
+                        QK_GAIN,
+                    );
+                    w.linear(
+                        &format!("{a}.kv_a_proj_with_mqa.weight"),
+                        lora + rope,
+                        h,
+                        1.0,
+                    );
+                    w.constant(&format!("{a}.kv_a_layernorm.weight"), &[lora], 1.0);
+                    w.linear(
+                        &format!("{a}.kv_b_proj.weight"),
+                        HEADS * 2 * d,
+                        lora,
+                        QK_GAIN,
+                    );
+                    w.linear(&format!("{a}.o_proj.weight"), h, HEADS * d, 1.0);
+                }
+                _ => {
+                    let o = if self == Self::Phi2 {
+                        "dense"
+                    } else {
+                        "o_proj"
+                    };
+                    w.linear(&format!("{a}.q_proj.weight"), q_out, h, QK_GAIN);
+                    w.linear(&format!("{a}.k_proj.weight"), kv_out, h, QK_GAIN);
+                    w.linear(&format!("{a}.v_proj.weight"), kv_out, h, 1.0);
+                    w.linear(&format!("{a}.{o}.weight"), h, q_out, out_gain);
+                    if biased || self == Self::Qwen2 {
+                        for (proj, n) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)]
+                        {
+                            w.normal(&format!("{a}.{proj}.bias"), &[n], BIAS_STD);
+                        }
+                    }
+                    if biased {
+                        w.normal(&format!("{a}.{o}.bias"), &[h], BIAS_STD);
+                    }
+                }
+            }
+            if matches!(self, Self::Qwen3 | Self::Qwen3Moe) {
+                w.constant(&format!("{a}.q_norm.weight"), &[d], 1.0);
+                w.constant(&format!("{a}.k_norm.weight"), &[d], 1.0);
+            }
+            let m = format!("{p}.mlp");
+            match self {
+                Self::Phi2 | Self::Starcoder2 => {
+                    let (up, down) = if self == Self::Phi2 {
+                        ("fc1", "fc2")
+                    } else {
+                        ("c_fc", "c_proj")
+                    };
+                    w.linear(&format!("{m}.{up}.weight"), i, h, 1.0);
+                    w.normal(&format!("{m}.{up}.bias"), &[i], BIAS_STD);
+                    w.linear(&format!("{m}.{down}.weight"), h, i, out_gain);
+                    w.normal(&format!("{m}.{down}.bias"), &[h], BIAS_STD);
+                }
+                Self::Phi3 => {
+                    w.linear(&format!("{m}.gate_up_proj.weight"), 2 * i, h, 1.0);
+                    w.linear(&format!("{m}.down_proj.weight"), h, i, 1.0);
+                }
+                Self::Mixtral => {
+                    let moe = format!("{p}.block_sparse_moe");
+                    w.linear(&format!("{moe}.gate.weight"), EXPERTS, h, 1.0);
+                    for e in 0..EXPERTS {
+                        w.linear(&format!("{moe}.experts.{e}.w1.weight"), i, h, 1.0);
+                        w.linear(&format!("{moe}.experts.{e}.w2.weight"), h, i, 1.0);
+                        w.linear(&format!("{moe}.experts.{e}.w3.weight"), i, h, 1.0);
+                    }
+                }
+                Self::Qwen3Moe => {
+                    // The stacked expert layout (`experts.gate_up_proj` [E, hidden, 2 x inter],
+                    // `experts.down_proj` [E, inter, hidden]): on the CPU, 0.8.1 loads the
+                    // per-expert layout (`experts.{e}.gate_proj.weight`, the published
+                    // checkpoints' form) as placeholder layers, and the first forward fails
+                    // with "DummyLayer should not ever be present in forward pass!".
+                    let mi = INTERMEDIATE / 2;
+                    w.linear(&format!("{m}.gate.weight"), EXPERTS, h, 1.0);
+                    let (std_h, std_mi) = (1.0 / (h as f32).sqrt(), 1.0 / (mi as f32).sqrt());
+                    w.normal(
+                        &format!("{m}.experts.gate_up_proj"),
+                        &[EXPERTS, h, 2 * mi],
+                        std_h,
+                    );
+                    w.normal(&format!("{m}.experts.down_proj"), &[EXPERTS, mi, h], std_mi);
+                }
+                _ => {
+                    w.linear(&format!("{m}.gate_proj.weight"), i, h, 1.0);
+                    w.linear(&format!("{m}.up_proj.weight"), i, h, 1.0);
+                    w.linear(&format!("{m}.down_proj.weight"), h, i, out_gain);
+                }
+            }
+            layer_norm(&mut w, &format!("{p}.input_layernorm"), biased);
+            // Phi-2 runs attention and MLP in parallel from one norm; Gemma 2's is below.
+            if !matches!(self, Self::Phi2 | Self::Gemma2) {
+                layer_norm(&mut w, &format!("{p}.post_attention_layernorm"), biased);
+            }
+            if self == Self::Gemma2 {
+                layer_norm(&mut w, &format!("{p}.pre_feedforward_layernorm"), false);
+                // Gemma 2 normalizes each sublayer's output before adding it: the output gain
+                // goes into these norms, 1 + (gain - 1).
+                w.constant(
+                    &format!("{p}.post_feedforward_layernorm.weight"),
+                    &[h],
+                    out_gain - 1.0,
+                );
+                w.constant(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    out_gain - 1.0,
+                );
+            }
+        }
+        if self == Self::Phi2 {
+            layer_norm(&mut w, "model.final_layernorm", true);
+        } else {
+            layer_norm(&mut w, "model.norm", biased);
+        }
+        // Gemma, Gemma 2 and Starcoder2 tie the output layer to the embeddings.
+        if !matches!(self, Self::Gemma | Self::Gemma2 | Self::Starcoder2) {
+            w.linear("lm_head.weight", VOCAB, h, LM_HEAD_GAIN);
+        }
+        w
+    }
+
+    /// GGUF tensors (candle shape order, `[out, in]`) and architecture metadata of the forms
+    /// `models/quantized_*.rs` read.
+    fn gguf_weights(self) -> (Weights, Vec<(String, gguf_file::Value)>) {
+        use gguf_file::Value as V;
+        let arch = self.gguf_name().expect("a GGUF architecture");
+        let mut w = Weights::new(self.seed() ^ 0x6666);
+        let (h, d, i) = (HIDDEN, HEAD_DIM, INTERMEDIATE);
+        let (q_out, kv_out) = (HEADS * d, self.kv_heads(true) * d);
+        let layer_norm_biased = matches!(self, Self::Phi2 | Self::Starcoder2);
+        let norm = |w: &mut Weights, name: &str| {
+            w.constant(&format!("{name}.weight"), &[h], 1.0);
+            if layer_norm_biased {
+                w.constant(&format!("{name}.bias"), &[h], 0.0);
+            }
+        };
+        // Linear layers read through `QLinear` carry a bias in these three forms.
+        let linear = |w: &mut Weights, name: &str, out: usize, inp: usize, gain: f32| {
+            w.linear(&format!("{name}.weight"), out, inp, gain);
+            if matches!(self, Self::Phi2 | Self::Starcoder2) {
+                w.normal(&format!("{name}.bias"), &[out], BIAS_STD);
+            }
+        };
+        w.normal("token_embd.weight", &[VOCAB, h], EMBED_STD);
+        norm(&mut w, "output_norm");
+        linear(&mut w, "output", VOCAB, h, LM_HEAD_GAIN);
+        if self == Self::Starcoder2 {
+            // quantized_starcoder2.rs reads `output.weight` only.
+            w.tensors.retain(|(n, _, _)| n != "output.bias");
+        }
+        for l in 0..LAYERS {
+            let p = format!("blk.{l}");
+            norm(&mut w, &format!("{p}.attn_norm"));
+            if self != Self::Phi2 {
+                norm(&mut w, &format!("{p}.ffn_norm"));
+            }
+            match self {
+                Self::Phi2 | Self::Phi3 => {
+                    linear(
+                        &mut w,
+                        &format!("{p}.attn_qkv"),
+                        q_out + 2 * kv_out,
+                        h,
+                        QK_GAIN,
+                    );
+                }
+                _ => {
+                    linear(&mut w, &format!("{p}.attn_q"), q_out, h, QK_GAIN);
+                    linear(&mut w, &format!("{p}.attn_k"), kv_out, h, QK_GAIN);
+                    linear(&mut w, &format!("{p}.attn_v"), kv_out, h, 1.0);
+                }
+            }
+            linear(&mut w, &format!("{p}.attn_output"), h, q_out, 1.0);
+            if self == Self::Qwen2 {
+                for (proj, n) in [("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out)] {
+                    w.normal(&format!("{p}.{proj}.bias"), &[n], BIAS_STD);
+                }
+            }
+            if matches!(self, Self::Qwen3 | Self::Qwen3Moe) {
+                w.constant(&format!("{p}.attn_q_norm.weight"), &[d], 1.0);
+                w.constant(&format!("{p}.attn_k_norm.weight"), &[d], 1.0);
+            }
+            match self {
+                Self::Phi2 | Self::Starcoder2 => {
+                    linear(&mut w, &format!("{p}.ffn_up"), i, h, 1.0);
+                    linear(&mut w, &format!("{p}.ffn_down"), h, i, 1.0);
+                }
+                Self::Phi3 => {
+                    w.linear(&format!("{p}.ffn_up.weight"), 2 * i, h, 1.0);
+                    w.linear(&format!("{p}.ffn_down.weight"), h, i, 1.0);
+                }
+                Self::Qwen3Moe => {
+                    let mi = INTERMEDIATE / 2;
+                    w.linear(&format!("{p}.ffn_gate_inp.weight"), EXPERTS, h, 1.0);
+                    let std_in = 1.0 / (h as f32).sqrt();
+                    w.normal(
+                        &format!("{p}.ffn_gate_exps.weight"),
+                        &[EXPERTS, mi, h],
+                        std_in,
+                    );
+                    w.normal(
+                        &format!("{p}.ffn_up_exps.weight"),
+                        &[EXPERTS, mi, h],
+                        std_in,
+                    );
+                    let std_mid = 1.0 / (mi as f32).sqrt();
+                    w.normal(
+                        &format!("{p}.ffn_down_exps.weight"),
+                        &[EXPERTS, h, mi],
+                        std_mid,
+                    );
+                }
+                _ => {
+                    w.linear(&format!("{p}.ffn_gate.weight"), i, h, 1.0);
+                    w.linear(&format!("{p}.ffn_up.weight"), i, h, 1.0);
+                    w.linear(&format!("{p}.ffn_down.weight"), h, i, 1.0);
+                }
+            }
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut meta = vec![
+            ("general.architecture".to_string(), V::String(arch.into())),
+            (key("block_count"), V::U32(LAYERS as u32)),
+            (key("context_length"), V::U32(4096)),
+            (key("embedding_length"), V::U32(h as u32)),
+            (key("feed_forward_length"), V::U32(i as u32)),
+            (key("attention.head_count"), V::U32(HEADS as u32)),
+            (
+                key("attention.head_count_kv"),
+                V::U32(self.kv_heads(true) as u32),
+            ),
+            (key("attention.layer_norm_rms_epsilon"), V::F32(1e-6)),
+            (key("attention.layer_norm_epsilon"), V::F32(1e-5)),
+            (key("rope.freq_base"), V::F32(10000.0)),
+            // Phi-2 rotates half of each head (partial_rotary_factor 0.5).
+            (
+                key("rope.dimension_count"),
+                V::U32(if self == Self::Phi2 { d / 2 } else { d } as u32),
+            ),
+        ];
+        if self == Self::Qwen3Moe {
+            meta.push((key("expert_count"), V::U32(EXPERTS as u32)));
+            meta.push((key("expert_used_count"), V::U32(2)));
+            meta.push((
+                key("expert_feed_forward_length"),
+                V::U32(INTERMEDIATE as u32 / 2),
+            ));
+        }
+        (w, meta)
+    }
+
+    /// Write the safetensors form into `dir` (created).
+    pub fn write_safetensors(self, dir: &Path) -> PathBuf {
+        fs::create_dir_all(dir).expect("model dir");
+        let write_json = |name: &str, value: &Value| {
+            fs::write(dir.join(name), serde_json::to_string_pretty(value).unwrap())
+                .expect("write json")
+        };
+        write_json("config.json", &self.hf_config());
+        write_json("tokenizer.json", &word_level_tokenizer());
+        write_json(
+            "tokenizer_config.json",
+            &json!({
+                "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": false, "add_eos_token": false,
+                "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+            }),
+        );
+        self.hf_weights()
+            .save_safetensors(&dir.join("model.safetensors"));
+        dir.to_path_buf()
+    }
+
+    /// Write the GGUF form to `dir/<arch>.gguf`.
+    pub fn write_gguf(self, dir: &Path) -> PathBuf {
+        use gguf_file::Value as V;
+        fs::create_dir_all(dir).expect("model dir");
+        let (weights, mut meta) = self.gguf_weights();
+        // A SentencePiece-style (`llama` unigram) vocabulary: what mistral.rs converts from GGUF.
+        let tokens: Vec<V> = vocab_words()
+            .iter()
+            .enumerate()
+            .map(|(id, w)| V::String(piece(id, w)))
+            .collect();
+        let scores = (0..VOCAB).map(|id| V::F32(-(id as f32))).collect();
+        // Token type 3 (control) for <unk>, <s>, </s>; 1 (normal) for the words.
+        let types = (0..VOCAB)
+            .map(|id| V::I32(if id < FIRST_WORD as usize { 3 } else { 1 }))
+            .collect();
+        meta.extend([
+            (
+                "tokenizer.ggml.model".to_string(),
+                V::String("llama".into()),
+            ),
+            ("tokenizer.ggml.tokens".to_string(), V::Array(tokens)),
+            ("tokenizer.ggml.scores".to_string(), V::Array(scores)),
+            ("tokenizer.ggml.token_type".to_string(), V::Array(types)),
+            ("tokenizer.ggml.unknown_token_id".to_string(), V::U32(0)),
+            ("tokenizer.ggml.bos_token_id".to_string(), V::U32(1)),
+            ("tokenizer.ggml.eos_token_id".to_string(), V::U32(2)),
+        ]);
+        let qtensors: Vec<(String, QTensor)> = weights
+            .tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                let t = Weights::tensor(shape, data);
+                let dtype = if self.gguf_needs_quantized_matrices()
+                    && name.starts_with("blk.")
+                    && name.ends_with(".weight")
+                    && shape.len() == 2
+                    && !name.contains("norm")
+                {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::F32
+                };
+                (name.clone(), QTensor::quantize(&t, dtype).expect("qtensor"))
+            })
+            .collect();
+        let path = dir.join(format!("{}.gguf", self.gguf_name().expect("GGUF arch")));
+        let mut file = fs::File::create(&path).expect("create gguf");
+        let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs).expect("write gguf");
+        path
+    }
+}
+
+/// `<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ... (a word's id is its number).
+fn vocab_words() -> Vec<String> {
+    ["<unk>", "<s>", "</s>"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain((FIRST_WORD as usize..VOCAB).map(|i| format!("w{i}")))
+        .collect()
+}
+
+/// The SentencePiece form of word `id`: `\u{2581}w<id>` (specials as they are).
+fn piece(id: usize, word: &str) -> String {
+    if id < FIRST_WORD as usize {
+        word.to_string()
+    } else {
+        format!("\u{2581}{word}")
+    }
+}
+
+/// A word-level tokenizer.json; the three specials are added tokens. Words are split and marked
+/// SentencePiece-style (Metaspace) and decoded with a `Replace` + `ByteFallback` sequence:
+/// llguidance, which mistral.rs builds for every model, accepts only byte-level or byte-fallback
+/// decoders ("can't determine decoder type" otherwise).
+fn word_level_tokenizer() -> Value {
+    let words = vocab_words();
+    let vocab: serde_json::Map<String, Value> = words
+        .iter()
+        .enumerate()
+        .map(|(id, w)| (piece(id, w), json!(id)))
+        .collect();
+    let added: Vec<Value> = words[..FIRST_WORD as usize]
+        .iter()
+        .enumerate()
+        .map(|(id, w)| {
+            json!({"id": id, "content": w, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}",
+                          "prepend_scheme": "always", "split": true},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    })
+}
