@@ -14,9 +14,10 @@ build: prepare
 serve: prepare
 	$(CARGO) run --release --locked --bin mistralrs-logquant -- serve $(ARGS)
 
-# Release profile for everything: model inference in a debug build is far too slow, and one
-# profile means the dependencies are built once.
-test: prepare
+# What CI runs (.ci/run) and reviewers check: formatting, clippy with warnings as errors, then
+# every test. Release profile for everything: model inference in a debug build is far too slow,
+# and one profile means the dependencies are built once.
+test: lint
 	$(CARGO) test --release --locked -- --test-threads=1
 
 check: prepare
@@ -24,4 +25,4 @@ check: prepare
 
 lint: prepare
 	$(CARGO) fmt --check
-	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings

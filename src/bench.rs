@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{finished_sequences, run_request, special_token_ids, usage_of_next_finished};
 use crate::model_source::ModelSource;
+use crate::provenance::RunInfo;
 
 /// Greedy over non-special tokens, stamping the time of every step.
 struct Stamper {
@@ -270,6 +271,9 @@ pub struct Budget {
 pub struct BenchReport {
     pub rows: Vec<BenchRow>,
     pub budget: Vec<BudgetRow>,
+    /// What the run ran on (absent in JSON written before it was recorded).
+    #[serde(default)]
+    pub run: Option<RunInfo>,
 }
 
 /// Measure every (configuration, context, batch) cell, then the budget runs if asked.
@@ -286,7 +290,10 @@ pub async fn bench(
         bail!("--decode must be at least 3 (the median needs decode steps)");
     }
     let special = special_token_ids(model)?;
-    let mut report = BenchReport::default();
+    let mut report = BenchReport {
+        run: Some(RunInfo::of_measurement(model)),
+        ..BenchReport::default()
+    };
     for config in configs {
         let label = config.label();
         progress(&format!("loading model with {label}"));

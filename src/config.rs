@@ -114,18 +114,35 @@ pub enum ConfigError {
     },
     #[error("group size {group_size} does not divide head_dim {head_dim}")]
     GroupSizeVsHeadDim { group_size: usize, head_dim: usize },
+    #[error("rotation needs a power-of-two head_dim, not {head_dim}")]
+    RotateVsHeadDim { head_dim: usize },
+    #[error("3-bit codes need a head_dim that is a multiple of 8, not {head_dim}")]
+    ThreeBitsVsHeadDim { head_dim: usize },
 }
+
+/// Allowed widths of a quantized key or value.
+pub const ALLOWED_BITS: [u8; 4] = [2, 3, 4, 8];
 
 /// The LogQuant cache configuration. `Default` is the paper's headline setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LogQuantConfig {
-    /// Bits per quantized value: 2, 4 or 8.
+    /// Bits per quantized value: 2, 3, 4 or 8; keys and values unless overridden below.
     pub bits: u8,
+    /// Bits per quantized key, when it differs from `bits` (see [`LogQuantConfig::key_bits`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_bits: Option<u8>,
+    /// Bits per quantized value (V), when it differs from `bits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value_bits: Option<u8>,
     /// LogQuant window W: at most 3W full-precision tokens.
     pub window: usize,
     /// Values per scale/min group.
     pub group_size: usize,
+    /// Values per key scale/min group, when it differs from `group_size`: tokens per group for
+    /// per-channel keys (e.g. 128), channels per group for per-token keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_group_size: Option<usize>,
     pub key_grouping: KeyGrouping,
     pub policy: PolicyKind,
     /// Newest tokens kept by `recent` and `sink-recent`.
@@ -134,19 +151,26 @@ pub struct LogQuantConfig {
     pub sink: usize,
     /// Decode attention: fused over the codes (CPU) or portable.
     pub kernel: AttentionKernel,
+    /// Rotate keys and values by a normalized Hadamard transform over head_dim before
+    /// quantizing (spreads outlier channels; head_dim must be a power of two).
+    pub rotate: bool,
 }
 
 impl Default for LogQuantConfig {
     fn default() -> Self {
         Self {
             bits: 2,
+            key_bits: None,
+            value_bits: None,
             window: 42,
             group_size: 64,
+            key_group_size: None,
             key_grouping: KeyGrouping::PerChannel,
             policy: PolicyKind::Logquant,
             recent: 126,
             sink: 4,
             kernel: AttentionKernel::Fused,
+            rotate: false,
         }
     }
 }
@@ -159,8 +183,14 @@ impl LogQuantConfig {
             value,
             allowed,
         };
-        if ![2, 4, 8].contains(&self.bits) {
-            return Err(invalid("bits", self.bits.to_string(), "2, 4, 8"));
+        for (field, bits) in [
+            ("bits", Some(self.bits)),
+            ("key-bits", self.key_bits),
+            ("value-bits", self.value_bits),
+        ] {
+            if let Some(bits) = bits.filter(|b| !ALLOWED_BITS.contains(b)) {
+                return Err(invalid(field, bits.to_string(), "2, 3, 4, 8"));
+            }
         }
         if self.policy == PolicyKind::Logquant && self.window == 0 {
             return Err(invalid("window", "0".into(), "an integer >= 1"));
@@ -170,6 +200,16 @@ impl LogQuantConfig {
                 "group-size",
                 self.group_size.to_string(),
                 "a positive multiple of 4 that divides head_dim",
+            ));
+        }
+        if let Some(g) = self
+            .key_group_size
+            .filter(|g| *g == 0 || !g.is_multiple_of(4))
+        {
+            return Err(invalid(
+                "key-group-size",
+                g.to_string(),
+                "a positive multiple of 4 (tokens per channel group, or channels dividing head_dim)",
             ));
         }
         if matches!(self.policy, PolicyKind::Recent | PolicyKind::SinkRecent) && self.recent == 0 {
@@ -183,13 +223,48 @@ impl LogQuantConfig {
 
     /// Check the parts that depend on the model's head dimension.
     pub fn validate_for_head_dim(&self, head_dim: usize) -> Result<(), ConfigError> {
-        if !head_dim.is_multiple_of(self.group_size) {
-            return Err(ConfigError::GroupSizeVsHeadDim {
-                group_size: self.group_size,
-                head_dim,
-            });
+        let mut channel_groups = vec![self.group_size];
+        if self.key_grouping == KeyGrouping::PerToken {
+            channel_groups.push(self.key_group_size());
+        }
+        for group_size in channel_groups {
+            if !head_dim.is_multiple_of(group_size) {
+                return Err(ConfigError::GroupSizeVsHeadDim {
+                    group_size,
+                    head_dim,
+                });
+            }
+        }
+        if self.rotate && !head_dim.is_power_of_two() {
+            return Err(ConfigError::RotateVsHeadDim { head_dim });
+        }
+        // 3-bit rows pack 8 codes into 3 bytes (quant.rs).
+        if (self.key_bits() == 3 || self.value_bits() == 3) && !head_dim.is_multiple_of(8) {
+            return Err(ConfigError::ThreeBitsVsHeadDim { head_dim });
         }
         Ok(())
+    }
+
+    /// Bits per quantized key.
+    pub fn key_bits(&self) -> u8 {
+        self.key_bits.unwrap_or(self.bits)
+    }
+
+    /// Bits per quantized value (V).
+    pub fn value_bits(&self) -> u8 {
+        self.value_bits.unwrap_or(self.bits)
+    }
+
+    /// Values per key group: tokens for per-channel keys, channels for per-token keys.
+    pub fn key_group_size(&self) -> usize {
+        self.key_group_size.unwrap_or(self.group_size)
+    }
+
+    /// Set keys and values to `bits` (what `--kv-bits` does).
+    pub fn set_bits(&mut self, bits: u8) {
+        self.bits = bits;
+        self.key_bits = None;
+        self.value_bits = None;
     }
 
     /// The full-precision token budget of the policy (excluding key-group staging).
@@ -218,10 +293,18 @@ impl LogQuantConfig {
             AttentionKernel::Fused => "",
             AttentionKernel::Portable => ", portable",
         };
-        format!(
-            "{policy}, {}-bit, G={}, keys {keys}{kernel}",
-            self.bits, self.group_size
-        )
+        let bits = if self.key_bits() == self.value_bits() {
+            format!("{}-bit", self.key_bits())
+        } else {
+            format!("K{}V{}", self.key_bits(), self.value_bits())
+        };
+        let groups = if self.key_group_size() == self.group_size {
+            format!("G={}", self.group_size)
+        } else {
+            format!("G={} (keys {})", self.group_size, self.key_group_size())
+        };
+        let rotate = if self.rotate { ", rotated" } else { "" };
+        format!("{policy}, {bits}, {groups}, keys {keys}{rotate}{kernel}")
     }
 }
 
@@ -244,7 +327,13 @@ mod tests {
             f(&mut c);
             c.validate().unwrap_err().to_string()
         };
-        assert_eq!(bad(|c| c.bits = 3), "invalid bits `3` (allowed: 2, 4, 8)");
+        assert_eq!(
+            bad(|c| c.bits = 5),
+            "invalid bits `5` (allowed: 2, 3, 4, 8)"
+        );
+        assert!(bad(|c| c.key_bits = Some(1)).starts_with("invalid key-bits `1`"));
+        assert!(bad(|c| c.value_bits = Some(16)).starts_with("invalid value-bits `16`"));
+        assert!(bad(|c| c.key_group_size = Some(6)).starts_with("invalid key-group-size `6`"));
         assert!(bad(|c| c.window = 0).starts_with("invalid window `0`"));
         assert!(bad(|c| c.group_size = 0).starts_with("invalid group-size `0`"));
         assert!(bad(|c| c.group_size = 6).starts_with("invalid group-size `6`"));
@@ -276,5 +365,51 @@ mod tests {
         assert_eq!(c.key_grouping, KeyGrouping::PerToken);
         assert_eq!(c.window, 42);
         assert!(serde_json::from_str::<LogQuantConfig>(r#"{"bitz": 4}"#).is_err());
+        let c: LogQuantConfig = serde_json::from_str(
+            r#"{"bits": 2, "key-bits": 4, "key-group-size": 128, "rotate": true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.key_bits(), c.value_bits(), c.key_group_size()),
+            (4, 2, 128)
+        );
+        assert!(c.rotate);
+        assert_eq!(
+            c.describe(),
+            "logquant W=42, K4V2, G=64 (keys 128), keys per-channel, rotated"
+        );
+    }
+
+    #[test]
+    fn widths_and_key_groups_default_to_the_shared_values() {
+        let mut c = LogQuantConfig {
+            value_bits: Some(8),
+            ..Default::default()
+        };
+        assert_eq!(
+            (c.key_bits(), c.value_bits(), c.key_group_size()),
+            (2, 8, 64)
+        );
+        c.set_bits(4);
+        assert_eq!((c.key_bits(), c.value_bits()), (4, 4));
+        assert_eq!(c.describe(), "logquant W=42, 4-bit, G=64, keys per-channel");
+        let three = LogQuantConfig {
+            key_bits: Some(3),
+            ..Default::default()
+        };
+        assert!(three.validate_for_head_dim(64).is_ok());
+        assert_eq!(
+            three.validate_for_head_dim(12).unwrap_err().to_string(),
+            "group size 64 does not divide head_dim 12"
+        );
+        let rotated = LogQuantConfig {
+            rotate: true,
+            group_size: 16,
+            ..Default::default()
+        };
+        assert_eq!(
+            rotated.validate_for_head_dim(48).unwrap_err().to_string(),
+            "rotation needs a power-of-two head_dim, not 48"
+        );
     }
 }

@@ -10,7 +10,7 @@ use mistralrs_core::kv_cache_backend::{
     register_kv_cache_backend, registered_kv_cache_backends, select_kv_cache_backend,
 };
 use mistralrs_core::{AutoDeviceMapParams, MistralRs, ModelDType, ModelSelected, TokenSource};
-use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
+use mistralrs_server_core::mistralrs_for_server_builder::{MistralRsForServerBuilder, ModelConfig};
 
 use crate::backend::{register_logquant, LOGQUANT};
 use crate::config::LogQuantConfig;
@@ -105,6 +105,16 @@ impl FromStr for Dtype {
 }
 
 impl Dtype {
+    /// The flag value: `auto`, `f32`, `f16` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
     fn to_model_dtype(self) -> ModelDType {
         match self {
             Self::Auto => ModelDType::Auto,
@@ -204,11 +214,14 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         KvCacheChoice::Backend(name) => Some(name.as_str()),
     };
     select_kv_cache_backend(backend).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // mistral.rs names a local model by its path; the alias makes the model's name (file or
+    // directory name) its id in `/v1/models`, in requests and in the engine's logs. The path
+    // stays accepted as a second alias. (Responses carry the pipeline's name, the path: the
+    // server renames them, see `cli::openai::shape_response`.)
+    let name = options.model.model_id();
+    let selected = model_selected(&options.model, options.dtype.to_model_dtype())?;
     let mut builder = MistralRsForServerBuilder::new()
-        .with_model(model_selected(
-            &options.model,
-            options.dtype.to_model_dtype(),
-        )?)
+        .with_model_config(ModelConfig::new(name.clone(), selected).with_alias(name))
         .with_token_source(TokenSource::None)
         .with_max_seqs(options.max_seqs)
         .with_cpu(options.cpu)

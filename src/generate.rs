@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use either::Either;
 use mistralrs_core::{
-    Constraint, CustomLogitsProcessor, MistralRs, NormalRequest, Request, RequestMessage, Response,
-    SamplingParams, TokenizationRequest,
+    Constraint, CustomLogitsProcessor, DetokenizationRequest, MistralRs, NormalRequest, Request,
+    RequestMessage, Response, SamplingParams, TokenizationRequest,
 };
 
 use crate::model_source::ModelSource;
@@ -295,6 +295,23 @@ pub async fn tokenize(engine: &MistralRs, text: &str) -> Result<Vec<u32>> {
         .get_sender(None)
         .context("engine has no model")?
         .send(Request::Tokenize(request))
+        .await
+        .context("engine stopped")?;
+    rx.recv().await.context("engine dropped the request")?
+}
+
+/// The text of `tokens` (special tokens skipped).
+pub async fn detokenize(engine: &MistralRs, tokens: Vec<u32>) -> Result<String> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let request = DetokenizationRequest {
+        tokens,
+        skip_special_tokens: true,
+        response: tx,
+    };
+    engine
+        .get_sender(None)
+        .context("engine has no model")?
+        .send(Request::Detokenize(request))
         .await
         .context("engine stopped")?;
     rx.recv().await.context("engine dropped the request")?

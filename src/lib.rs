@@ -7,8 +7,9 @@
 //! registers its backends there and builds engines that use them:
 //!
 //! - [`backend`]: the LogQuant cache (`logquant`): a log-distributed set of at most 3W tokens
-//!   in full precision ([`policy`]), every other token in 2, 4 or 8 bits ([`quant`],
-//!   [`store`]), configured by [`config::LogQuantConfig`].
+//!   in full precision ([`policy`]), every other token in 2, 3, 4 or 8 bits, keys and values
+//!   at their own widths ([`quant`], [`store`]), configured by [`config::LogQuantConfig`].
+//! - [`eval`] and [`retrieval`]: quality through the decode path (perplexity, copy task).
 //! - [`passthrough`]: an exact full-precision backend, the reference for the plumbing.
 //!
 //! ```no_run
@@ -35,6 +36,8 @@ pub mod model_source;
 pub mod passthrough;
 pub mod plot;
 pub mod policy;
+pub mod provenance;
 pub mod quant;
 pub mod reference;
+pub mod retrieval;
 pub mod store;

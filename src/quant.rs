@@ -1,7 +1,7 @@
 //! Scalar reference quantization: the bit encoding, stated once, and the packed block layout
 //! that every attention path reads.
 //!
-//! Encoding (asymmetric min/max, unsigned codes, `bits` in {2, 4, 8}):
+//! Encoding (asymmetric min/max, unsigned codes, `bits` in {2, 3, 4, 8}):
 //!
 //! ```text
 //! scale = (max - min) / (2^bits - 1)
@@ -14,17 +14,25 @@
 //! stored values (plus f32 rounding). Inputs are first clamped to the finite f16 range
 //! (+-65504) and NaN is read as 0, so codes and scales are always finite.
 //!
-//! Packing: code `i` of a row goes to byte `i / (8 / bits)` at bit offset
-//! `bits * (i % (8 / bits))` (little-endian within the byte): four 2-bit codes per byte.
+//! Packing: a row is a little-endian bit stream; code `i` occupies bits
+//! `bits * i .. bits * (i + 1)`, i.e. byte `bits * i / 8` from bit `bits * i % 8`, continuing
+//! into the next byte when it does not fit. For 2, 4 and 8 bits no code straddles a byte (four
+//! 2-bit codes per byte, low bits first); 3-bit codes pack 8 to 3 bytes, so a row needs
+//! `bits * dim` divisible by 8.
+//!
+//! Rotation (optional, [`QuantBlock::quantize_rotated`]): each row is multiplied by the
+//! normalized Hadamard matrix `H / sqrt(dim)` ([`hadamard_in_place`]) before quantizing.
+//! `H / sqrt(dim)` is symmetric and orthogonal, so it is its own inverse: dequantizing applies
+//! it again, and `q . k = (H q) . (H k)` lets attention score rotated keys with a rotated query.
 
 use half::f16;
 
 /// Largest magnitude stored: the f16 range.
 pub const F16_MAX: f32 = 65504.0;
 
-/// Codes per packed byte.
-pub const fn codes_per_byte(bits: u8) -> usize {
-    8 / bits as usize
+/// Bytes that `codes` packed codes of `bits` bits take (`codes * bits` a multiple of 8).
+pub const fn packed_bytes(codes: usize, bits: u8) -> usize {
+    codes * bits as usize / 8
 }
 
 /// Largest code.
@@ -139,24 +147,65 @@ pub fn quantize_group(x: &[f32], bits: u8, codes: &mut [u8]) -> GroupParams {
     params
 }
 
-/// Pack unpacked `codes` into `out` (`codes.len() / codes_per_byte(bits)` bytes).
+/// Pack unpacked `codes` into `out` (`packed_bytes(codes.len(), bits)` bytes).
 pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
-    let per_byte = codes_per_byte(bits);
-    debug_assert_eq!(codes.len(), out.len() * per_byte);
-    for (byte, chunk) in out.iter_mut().zip(codes.chunks(per_byte)) {
-        let mut b = 0u8;
-        for (j, &c) in chunk.iter().enumerate() {
-            b |= c << (bits as usize * j);
+    debug_assert_eq!(codes.len() * bits as usize, out.len() * 8);
+    out.fill(0);
+    for (i, &c) in codes.iter().enumerate() {
+        let bit = bits as usize * i;
+        let (byte, shift) = (bit / 8, bit % 8);
+        let wide = ((c & max_code(bits)) as u16) << shift;
+        out[byte] |= wide as u8;
+        if shift + bits as usize > 8 {
+            out[byte + 1] |= (wide >> 8) as u8;
         }
-        *byte = b;
     }
 }
 
 /// The code at index `i` of a packed row.
 #[inline]
 pub fn unpack_one(packed: &[u8], bits: u8, i: usize) -> u8 {
-    let per_byte = codes_per_byte(bits);
-    (packed[i / per_byte] >> (bits as usize * (i % per_byte))) & max_code(bits)
+    let bit = bits as usize * i;
+    let (byte, shift) = (bit / 8, bit % 8);
+    let mut wide = packed[byte] as u16;
+    if shift + bits as usize > 8 {
+        wide |= (packed[byte + 1] as u16) << 8;
+    }
+    ((wide >> shift) as u8) & max_code(bits)
+}
+
+/// `x <- (H / sqrt(n)) x` for the Sylvester-Hadamard matrix `H` of order `n = x.len()` (a
+/// power of two): the fast Walsh-Hadamard transform, `n log2 n` additions. Orthogonal and
+/// symmetric, so applying it twice gives `x` back (up to f32 rounding).
+pub fn hadamard_in_place(x: &mut [f32]) {
+    let n = x.len();
+    assert!(
+        n.is_power_of_two(),
+        "Hadamard order {n} is not a power of two"
+    );
+    let mut half = 1;
+    while half < n {
+        for block in x.chunks_exact_mut(2 * half) {
+            let (a, b) = block.split_at_mut(half);
+            for (a, b) in a.iter_mut().zip(b.iter_mut()) {
+                let (x, y) = (*a, *b);
+                *a = x + y;
+                *b = x - y;
+            }
+        }
+        half *= 2;
+    }
+    let norm = 1.0 / (n as f32).sqrt();
+    for v in x.iter_mut() {
+        *v *= norm;
+    }
+}
+
+/// [`hadamard_in_place`] on every `dim`-long row of `x`.
+pub fn hadamard_rows(x: &mut [f32], dim: usize) {
+    for row in x.chunks_exact_mut(dim) {
+        hadamard_in_place(row);
+    }
 }
 
 /// Unpack `out.len()` codes from `packed`.
@@ -177,7 +226,7 @@ pub enum Grouping {
 
 /// A block of `tokens` quantized rows for `heads` heads of `dim` channels.
 ///
-/// Codes are token-major, `[head][token][dim / codes_per_byte]`, for every grouping, so a
+/// Codes are token-major, `[head][token][dim * bits / 8]`, for every grouping, so a
 /// kernel reads one token's codes contiguously whatever the grouping.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantBlock {
@@ -186,6 +235,8 @@ pub struct QuantBlock {
     pub dim: usize,
     pub bits: u8,
     pub grouping: Grouping,
+    /// Rows were rotated by `H / sqrt(dim)` before quantizing (see the module docs).
+    pub rotated: bool,
     pub codes: Vec<u8>,
     pub params: Vec<GroupParams>,
 }
@@ -204,7 +255,11 @@ impl QuantBlock {
         grouping: Grouping,
     ) -> Self {
         assert_eq!(x.len(), heads * tokens * dim, "block shape");
-        let row_bytes = dim / codes_per_byte(bits);
+        assert!(
+            (dim * bits as usize).is_multiple_of(8),
+            "{bits}-bit rows of {dim} codes do not fill whole bytes"
+        );
+        let row_bytes = packed_bytes(dim, bits);
         let mut codes = vec![0u8; heads * tokens * row_bytes];
         let mut unpacked = vec![0u8; dim];
         let params = match grouping {
@@ -248,14 +303,32 @@ impl QuantBlock {
             dim,
             bits,
             grouping,
+            rotated: false,
             codes,
             params,
         }
     }
 
+    /// [`QuantBlock::quantize`] of the rows rotated by `H / sqrt(dim)` (`dim` a power of two).
+    pub fn quantize_rotated(
+        x: &[f32],
+        heads: usize,
+        tokens: usize,
+        dim: usize,
+        bits: u8,
+        grouping: Grouping,
+    ) -> Self {
+        let mut rotated = x.to_vec();
+        hadamard_rows(&mut rotated, dim);
+        Self {
+            rotated: true,
+            ..Self::quantize(&rotated, heads, tokens, dim, bits, grouping)
+        }
+    }
+
     /// Packed bytes of one token row.
     pub fn row_bytes(&self) -> usize {
-        self.dim / codes_per_byte(self.bits)
+        packed_bytes(self.dim, self.bits)
     }
 
     /// The packed codes of `token` of `head`.
@@ -277,7 +350,8 @@ impl QuantBlock {
         }
     }
 
-    /// Reconstruct into `out`, laid out `[head][token][dim]`.
+    /// Reconstruct into `out`, laid out `[head][token][dim]` (rotated back if the block was
+    /// rotated).
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(
             out.len(),
@@ -293,6 +367,9 @@ impl QuantBlock {
                     out[base + c] = dequantize_value(code, self.params_at(h, t, c));
                 }
             }
+        }
+        if self.rotated {
+            hadamard_rows(out, self.dim);
         }
     }
 
@@ -380,9 +457,9 @@ mod tests {
     fn error_is_at_most_half_a_step_for_random_groups() {
         let mut rng = Rng(0x2545_F491_4F6C_DD1D);
         for case in 0..2000 {
-            let bits = [2u8, 4, 8][case % 3];
+            let bits = [2u8, 3, 4, 8][case % 4];
             let len = 4 * (1 + (rng.next() % 32) as usize);
-            let magnitude = [1e-3f32, 1.0, 30.0, 1e4][case % 4];
+            let magnitude = [1e-3f32, 1.0, 30.0, 1e4][(case / 4) % 4];
             let offset = (rng.unit() - 0.5) * magnitude;
             let x: Vec<f32> = (0..len)
                 .map(|_| offset + (rng.unit() - 0.5) * magnitude)
@@ -406,13 +483,86 @@ mod tests {
     }
 
     #[test]
+    fn three_bit_codes_straddle_bytes_little_endian() {
+        // Codes 0..8 at bit offsets 0, 3, ..., 21 of a 24-bit little-endian stream.
+        let codes: Vec<u8> = (0..8).collect();
+        let mut out = [0u8; 3];
+        pack(&codes, 3, &mut out);
+        let stream = codes
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &c)| acc | (c as u32) << (3 * i));
+        assert_eq!(
+            out,
+            [stream as u8, (stream >> 8) as u8, (stream >> 16) as u8]
+        );
+        assert_eq!(out[0], 0b10_001_000, "code 2's low bits share byte 0");
+    }
+
+    #[test]
+    fn hadamard_is_orthogonal_and_its_own_inverse() {
+        let mut rng = Rng(11);
+        for n in [1usize, 2, 8, 64, 128] {
+            let x: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect();
+            let mut y = x.clone();
+            hadamard_in_place(&mut y);
+            let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            assert!(
+                (norm(&x) - norm(&y)).abs() <= 1e-5 * norm(&x).max(1.0),
+                "n {n}: norm"
+            );
+            hadamard_in_place(&mut y);
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() < 1e-6, "n {n} index {i}: {a} vs {b}");
+            }
+        }
+        // Against the matrix itself: row i of H / sqrt(n) is +-1 / sqrt(n) with the sign of
+        // (-1)^popcount(i & j).
+        let n = 16;
+        for i in 0..n {
+            let mut e = vec![0f32; n];
+            e[i] = 1.0;
+            hadamard_in_place(&mut e);
+            for (j, v) in e.iter().enumerate() {
+                let sign = if (i & j).count_ones() % 2 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                };
+                assert!((v - sign / 4.0).abs() < 1e-7, "H[{j}][{i}] = {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn rotated_blocks_dequantize_back_to_the_original_space() {
+        let mut rng = Rng(3);
+        let (heads, tokens, dim) = (2, 5, 32);
+        let x: Vec<f32> = (0..heads * tokens * dim)
+            .map(|_| rng.unit() * 2.0 - 1.0)
+            .collect();
+        for grouping in [Grouping::PerChannel, Grouping::PerToken { group: 16 }] {
+            // 8 bits: small error, so the rotation back must be right for the error to be small.
+            let block = QuantBlock::quantize_rotated(&x, heads, tokens, dim, 8, grouping);
+            let mut out = vec![0f32; x.len()];
+            block.dequantize_into(&mut out);
+            let err = x
+                .iter()
+                .zip(&out)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(block.rotated && err < 0.02, "{grouping:?}: error {err}");
+        }
+    }
+
+    #[test]
     fn packing_round_trips_for_every_width() {
         let mut rng = Rng(7);
-        for bits in [2u8, 4, 8] {
+        for bits in [2u8, 3, 4, 8] {
             let codes: Vec<u8> = (0..256)
                 .map(|_| (rng.next() as u8) & max_code(bits))
                 .collect();
-            let mut packed = vec![0u8; codes.len() / codes_per_byte(bits)];
+            let mut packed = vec![0u8; packed_bytes(codes.len(), bits)];
             pack(&codes, bits, &mut packed);
             let mut back = vec![0u8; codes.len()];
             unpack(&packed, bits, &mut back);
@@ -431,7 +581,7 @@ mod tests {
             vec![6e-8, 1.2e-7, 0.0, 5.96e-8],
         ];
         for x in cases {
-            for bits in [2u8, 4, 8] {
+            for bits in [2u8, 3, 4, 8] {
                 let mut codes = vec![0u8; x.len()];
                 let p = quantize_group(&x, bits, &mut codes);
                 assert!(

@@ -245,33 +245,40 @@ impl SeqLayerStore {
             return Ok(());
         };
         let n = staged.len();
-        let take = match self.config.key_grouping {
+        let config = &self.config;
+        let key_group = config.key_group_size();
+        let take = match config.key_grouping {
             KeyGrouping::PerToken => n,
-            KeyGrouping::PerChannel => n - n % self.config.group_size,
+            KeyGrouping::PerChannel => n - n % key_group,
         };
         if take == 0 {
             self.staged = Some(staged);
             return Ok(());
         }
-        let group_tokens = match self.config.key_grouping {
+        let group_tokens = match config.key_grouping {
             KeyGrouping::PerToken => take,
-            KeyGrouping::PerChannel => self.config.group_size,
+            KeyGrouping::PerChannel => key_group,
         };
-        let bits = self.config.bits;
         let value_grouping = Grouping::PerToken {
-            group: self.config.group_size,
+            group: config.group_size,
         };
-        let key_grouping = match self.config.key_grouping {
-            KeyGrouping::PerToken => value_grouping,
+        let key_grouping = match config.key_grouping {
+            KeyGrouping::PerToken => Grouping::PerToken { group: key_group },
             KeyGrouping::PerChannel => Grouping::PerChannel,
         };
+        let quantize = if config.rotate {
+            QuantBlock::quantize_rotated
+        } else {
+            QuantBlock::quantize
+        };
+        let (key_bits, value_bits) = (config.key_bits(), config.value_bits());
         let mut start = 0;
         while start < take {
             let k = host_f32(&staged.k.i((.., start..start + group_tokens, ..))?)?;
             let v = host_f32(&staged.v.i((.., start..start + group_tokens, ..))?)?;
             self.chunks.push(Arc::new(QuantChunk {
-                k: QuantBlock::quantize(&k, heads, group_tokens, dim, bits, key_grouping),
-                v: QuantBlock::quantize(&v, heads, group_tokens, dim, bits, value_grouping),
+                k: quantize(&k, heads, group_tokens, dim, key_bits, key_grouping),
+                v: quantize(&v, heads, group_tokens, dim, value_bits, value_grouping),
                 positions: self.staged_positions[start..start + group_tokens].to_vec(),
             }));
             start += group_tokens;

@@ -103,7 +103,16 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
     let mut replay = Selection::new(Policy::from_config(&config));
     let mut evicted_order: Vec<usize> = Vec::new();
     let mut history = History::new(batch);
-    let step_bound = 2.0 / ((1u32 << config.bits) - 1) as f32 / 2.0 * 1.001 + 1e-3;
+    // Half a quantization step of the narrower width over the inputs' range [-1, 1]. Rotated
+    // rows are quantized in the rotated space (range up to sqrt(DIM) per channel) and the
+    // error is rotated back, so there only the rows' norm bounds it.
+    let bits = config.key_bits().min(config.value_bits());
+    let step_bound = 2.0 / ((1u32 << bits) - 1) as f32 / 2.0 * 1.001 + 1e-3;
+    let step_bound = if config.rotate {
+        step_bound * (DIM as f32).sqrt() * (DIM as f32).sqrt()
+    } else {
+        step_bound
+    };
 
     for step in 0..=steps {
         let n = if step == 0 { prefill } else { 1 };
@@ -206,6 +215,7 @@ fn config(bits: u8, keys: KeyGrouping, policy: PolicyKind) -> LogQuantConfig {
         recent: 12,
         sink: 2,
         kernel: AttentionKernel::Portable,
+        ..LogQuantConfig::default()
     }
     .validate()
     .unwrap()
@@ -230,6 +240,38 @@ fn position_agnostic_layout_matches_original_order_for_every_policy_and_grouping
                         check_layout_and_attention(config, batch, prefill, 45);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Keys and values at their own widths (3-bit codes included), a separate key group and the
+/// Hadamard rotation, through both kernels, against the replayed layout and textbook attention.
+#[test]
+fn mixed_widths_key_groups_and_rotation_match_the_reference() {
+    for (key_bits, value_bits, key_group, rotate) in [
+        (4, 2, None, false),
+        (2, 4, None, false),
+        (8, 2, None, false),
+        (3, 2, Some(16), false),
+        (3, 3, None, false),
+        (4, 2, None, true),
+        (3, 2, Some(16), true),
+    ] {
+        for keys in [KeyGrouping::PerChannel, KeyGrouping::PerToken] {
+            for kernel in [AttentionKernel::Portable, AttentionKernel::Fused] {
+                let config = LogQuantConfig {
+                    key_bits: Some(key_bits),
+                    value_bits: Some(value_bits),
+                    // Per-token keys group channels: 16 (all of DIM) instead of 8.
+                    key_group_size: key_group,
+                    rotate,
+                    kernel,
+                    ..config(2, keys, PolicyKind::Logquant)
+                };
+                let config = config.validate().unwrap();
+                check_layout_and_attention(config, 2, 17, 45);
+                check_layout_and_attention(config, 1, 40, 20);
             }
         }
     }
@@ -325,6 +367,61 @@ fn bytes_follow_the_memory_arithmetic() {
     assert_eq!(usage.dense_bytes, tokens * per_full);
     assert_eq!(usage.quantized_tokens, quantized);
     assert_eq!(usage.full_precision_tokens, full);
+}
+
+/// The byte counter against an analytic count from tensor sizes, for mixed widths, 3-bit codes
+/// and a key group of 128 tokens: quantized rows hold `heads x dim x bits / 8` bytes of codes
+/// for K and V each, values a 4-byte scale/min per `G` channels of each token, per-channel keys
+/// a 4-byte scale/min per channel per block of `key group` tokens; full-precision and staged
+/// rows hold `2 x heads x dim` f32 values.
+#[test]
+fn bytes_of_mixed_widths_match_an_analytic_count() {
+    let (heads, dim, tokens) = (3, 64, 1000);
+    for (key_bits, value_bits, key_group, keys) in [
+        (4, 2, 64, KeyGrouping::PerChannel),
+        (2, 4, 64, KeyGrouping::PerChannel),
+        (8, 2, 64, KeyGrouping::PerChannel),
+        (3, 2, 128, KeyGrouping::PerChannel),
+        (4, 2, 32, KeyGrouping::PerToken),
+    ] {
+        let cfg = LogQuantConfig {
+            key_bits: Some(key_bits),
+            value_bits: Some(value_bits),
+            key_group_size: Some(key_group),
+            key_grouping: keys,
+            ..LogQuantConfig::default()
+        }
+        .validate()
+        .unwrap();
+        let mut cache = LogQuantCache::new(cfg, 10_000);
+        let mut rng = Rng(key_bits as u64 * 31 + value_bits as u64);
+        let k = rng.tensor((1, heads, tokens, dim)).unwrap();
+        let v = rng.tensor((1, heads, tokens, dim)).unwrap();
+        cache.append(&k, &v).unwrap();
+        let row = &cache.rows()[0];
+        let (quantized, full) = (row.quantized_tokens(), row.full_precision_tokens());
+        assert_eq!(quantized + full, tokens);
+        for chunk in row.chunks() {
+            assert_eq!((chunk.k.bits, chunk.v.bits), (key_bits, value_bits));
+        }
+        let key_params = match keys {
+            KeyGrouping::PerChannel => {
+                assert_eq!(quantized % key_group, 0, "whole key groups");
+                quantized / key_group * heads * dim * 4
+            }
+            KeyGrouping::PerToken => quantized * heads * (dim / key_group) * 4,
+        };
+        let expected = quantized * heads * dim * (key_bits + value_bits) as usize / 8
+            + quantized * heads * (dim / 64) * 4
+            + key_params
+            + full * 2 * heads * dim * 4;
+        let usage = cache.usage();
+        assert_eq!(
+            usage.bytes, expected,
+            "K{key_bits}V{value_bits} key group {key_group} {keys:?}"
+        );
+        assert_eq!(usage.dense_bytes, tokens * 2 * heads * dim * 4);
+    }
 }
 
 #[test]
@@ -438,9 +535,18 @@ fn fused_cache(
         key_grouping: keys,
         kernel: AttentionKernel::Fused,
         ..LogQuantConfig::default()
-    }
-    .validate()
-    .unwrap();
+    };
+    fused_cache_with(rng, cfg, tokens, dim)
+}
+
+/// [`fused_cache`] with any configuration.
+fn fused_cache_with(
+    rng: &mut Rng,
+    cfg: LogQuantConfig,
+    tokens: usize,
+    dim: usize,
+) -> LogQuantCache {
+    let cfg = cfg.validate().unwrap();
     let mut cache = LogQuantCache::new(cfg, 100_000);
     let k = rng.tensor((2, KV_HEADS, tokens, dim)).unwrap();
     let v = rng.tensor((2, KV_HEADS, tokens, dim)).unwrap();
@@ -480,6 +586,91 @@ fn fused_kernel_tiers_and_span_splits_match_the_reference() {
                 }
             }
         }
+    }
+}
+
+/// Mixed key/value widths (K4V2, K2V4, K8V2, K3V2 with 128-token key groups), with and
+/// without rotation, through every SIMD tier and span split of the fused kernel, against
+/// textbook attention over the dequantized layout; and the rotated cache against exact
+/// attention over the original rows (rotation undone correctly: within 8-bit error).
+#[test]
+fn fused_kernel_mixed_widths_match_the_reference() {
+    use mistralrs_logquant::kernels::cpu::{attend_with, KernelPlan, SimdTier};
+    let mut rng = Rng(4242);
+    let dim = 64;
+    for (key_bits, value_bits, key_group, rotate) in [
+        (4, 2, None, false),
+        (2, 4, None, false),
+        (8, 2, None, false),
+        (3, 2, Some(128), false),
+        (3, 2, Some(128), true),
+        (4, 2, None, true),
+    ] {
+        for keys in [KeyGrouping::PerChannel, KeyGrouping::PerToken] {
+            let cfg = LogQuantConfig {
+                key_bits: Some(key_bits),
+                value_bits: Some(value_bits),
+                group_size: 32,
+                key_group_size: key_group.filter(|_| keys == KeyGrouping::PerChannel),
+                key_grouping: keys,
+                rotate,
+                kernel: AttentionKernel::Fused,
+                ..LogQuantConfig::default()
+            };
+            let mut cache = fused_cache_with(&mut rng, cfg, 700, dim);
+            let (k1, v1) = (
+                rng.tensor((2, KV_HEADS, 1, dim)).unwrap(),
+                rng.tensor((2, KV_HEADS, 1, dim)).unwrap(),
+            );
+            cache.append(&k1, &v1).unwrap();
+            let q = rng.tensor((2, Q_HEADS, 1, dim)).unwrap();
+            let (mk, mv) = cache.materialize().unwrap().unwrap();
+            let want = host(&naive_engine(&q, &mk, &mv, None).unwrap());
+            let row = &cache.rows()[0];
+            assert!(row.quantized_tokens() > 500);
+            let chunk = &row.chunks()[0];
+            assert_eq!(
+                (chunk.k.bits, chunk.v.bits, chunk.k.rotated, chunk.v.rotated),
+                (key_bits, value_bits, rotate, rotate)
+            );
+            for tier in SimdTier::available() {
+                for span_tokens in [1, 37, 512] {
+                    let plan = KernelPlan { tier, span_tokens };
+                    let got = attend_with(&q, cache.rows(), None, SCALE, plan).unwrap();
+                    let (err, at, finite) = max_abs_diff(&host(&got), &want);
+                    assert!(
+                        finite && err < 1e-4,
+                        "K{key_bits}V{value_bits} {keys:?} rotate {rotate} {plan:?}: \
+                         error {err} at {at}"
+                    );
+                }
+            }
+        }
+    }
+    // Rotation at 8 bits: attention over the rotated, quantized cache stays within 8-bit
+    // error of exact attention over the rows as given, as the unrotated cache does.
+    let (k, v) = (
+        rng.tensor((1, KV_HEADS, 600, dim)).unwrap(),
+        rng.tensor((1, KV_HEADS, 600, dim)).unwrap(),
+    );
+    let q = rng.tensor((1, Q_HEADS, 1, dim)).unwrap();
+    let exact = host(&naive_engine(&q, &k, &v, None).unwrap());
+    for rotate in [false, true] {
+        let cfg = LogQuantConfig {
+            bits: 8,
+            rotate,
+            kernel: AttentionKernel::Fused,
+            ..LogQuantConfig::default()
+        };
+        let mut cache = LogQuantCache::new(cfg.validate().unwrap(), 10_000);
+        cache.append(&k, &v).unwrap();
+        assert!(cache.rows()[0].quantized_tokens() >= 448);
+        let got = attend_with(&q, cache.rows(), None, SCALE, KernelPlan::default()).unwrap();
+        let (err, at, finite) = max_abs_diff(&host(&got), &exact);
+        assert!(
+            finite && err < 5e-3,
+            "8-bit rotate {rotate}: error {err} at {at} against exact attention"
+        );
     }
 }
 
@@ -761,4 +952,32 @@ fn models_logquant_cannot_cache_are_refused_with_one_line() {
         assert!(err.contains(want), "{err:?} lacks {want:?}");
         assert!(!err.contains('\n'), "{err:?} is not one line");
     }
+}
+
+/// `GET /v1/kv-cache` reports the widths and key group in effect, however they were set.
+#[test]
+fn kv_cache_report_shows_the_widths_in_effect() {
+    use mistralrs_logquant::cli::serve::kv_cache_report;
+    use mistralrs_logquant::engine::KvCacheChoice;
+    let choice = KvCacheChoice::LogQuant(LogQuantConfig {
+        key_bits: Some(4),
+        key_group_size: Some(128),
+        rotate: true,
+        ..LogQuantConfig::default()
+    });
+    let report = kv_cache_report(&choice);
+    let p = &report["parameters"];
+    assert_eq!(
+        (&p["bits"], &p["key-bits"], &p["value-bits"]),
+        (&2.into(), &4.into(), &2.into()),
+        "{report}"
+    );
+    assert_eq!(
+        (&p["key-group-size"], &p["rotate"]),
+        (&128.into(), &true.into())
+    );
+    assert_eq!(
+        report["description"],
+        "logquant W=42, K4V2, G=64 (keys 128), keys per-channel, rotated"
+    );
 }

@@ -314,10 +314,10 @@ async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
 #[test]
 fn invalid_flags_are_rejected_before_the_model_loads() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--kv-bits", "3"], "--kv-bits"),
+        (&["--kv-bits", "5"], "--kv-bits"),
         (&["--kv-window", "0"], "--kv-window"),
         // Issue 14, fault 2: LogQuant values are checked with every cache.
-        (&["--kv-cache", "default", "--kv-bits", "3"], "--kv-bits"),
+        (&["--kv-cache", "default", "--kv-bits", "5"], "--kv-bits"),
         (
             &["--kv-cache", "default", "--kv-window", "0"],
             "--kv-window",
@@ -337,13 +337,25 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
         (&["--host", "not an address"], "--host"),
     ];
     for (args, needle) in cases {
-        let out = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .arg("serve")
             .args(*args)
             .env("MISTRALRS_LOGQUANT_CACHE", "/nonexistent-cache-dir")
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        // A value that became valid would start a server that never exits: fail, don't hang.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                child.kill().ok();
+                panic!("{args:?} was accepted: the server is still running after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
@@ -565,7 +577,7 @@ async fn the_server_answers_real_client_traffic_in_openais_shape() {
     );
     assert!(usage.completion_tokens > 0, "{body}");
     assert_eq!(
-        serde_json::to_value(&response.choices[0].finish_reason).unwrap(),
+        serde_json::to_value(response.choices[0].finish_reason).unwrap(),
         "length",
         "{body}"
     );
@@ -843,4 +855,180 @@ async fn the_server_answers_real_client_traffic_in_openais_shape() {
     assert_eq!(stdout.len(), 1, "{stdout:?}");
     server.still_serves("everything").await;
     server.assert_no_live_sequence().await;
+}
+
+// ---- Issue 15: the model's name, and `/metrics`. ----
+
+/// The samples of a Prometheus text exposition, `name{labels}` -> value.
+fn prometheus_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample line: {l}"));
+            let value = value.parse().unwrap_or_else(|e| panic!("{e}: {l}"));
+            (name.to_string(), value)
+        })
+        .collect()
+}
+
+/// The model is named by its name, never a path: in `/v1/models`, in responses (plain and
+/// streamed), in the log; `"default"` and the name both select it. And `/metrics`, scraped
+/// while a streamed request runs, shows the live figures `/v1/kv-cache` shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_has_its_name_and_metrics_match_the_kv_cache_mid_request() {
+    const NAME: &str = "SmolLM2-135M-Instruct";
+    // A small window and group, so that a short prompt is quantized already.
+    let server = Server::start_with_env(
+        &["--kv-window", "8", "--kv-group-size", "16"],
+        &[("CANDLE_DEQUANTIZE_ALL", "1")],
+    );
+    let models = server.get_json("/v1/models").await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["default", NAME], "{models}");
+    let stdout = server.stdout.lock().unwrap().clone();
+    assert!(
+        stdout[0].starts_with(&format!("Serving {NAME} with")),
+        "{stdout:?}"
+    );
+
+    for model in ["default", NAME] {
+        let mut request = chat_request("Say hello.", 3);
+        request.model = model.to_string();
+        let response = server.client().chat().create(request).await.unwrap();
+        assert_eq!(response.model, NAME, "asked for {model}");
+    }
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "default", "stream": true, "max_tokens": 3,
+                "messages": [{"role": "user", "content": "Say hello."}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let events = sse_data(&body);
+    assert!(!events.is_empty(), "{body}");
+    for event in &events {
+        let chunk: serde_json::Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["model"], NAME, "{event}");
+    }
+    let (status, body) = server
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "no-such-model",
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains(NAME) && !body.contains('/'),
+        "the refusal names the served model, no path: {body}"
+    );
+
+    // A long greedy reply, streamed: read its first chunk, so that its sequence is live.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .json(&serde_json::json!({
+            "model": "default", "stream": true, "max_tokens": 300, "temperature": 0,
+            "messages": [{"role": "user",
+                          "content": "Count from 1 to 300, one number per line."}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    stream.next().await.expect("a first chunk").unwrap();
+    // Decode steps keep changing the figures: compare a scrape with the reports taken just
+    // before and just after it, when those two agree (the figures did not move in between).
+    let p = |s: &str| format!("mistralrs_logquant_{s}");
+    let mut attempts = 0;
+    let (report, samples) = loop {
+        attempts += 1;
+        let before = server.get_json("/v1/kv-cache").await;
+        let text = reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let after = server.get_json("/v1/kv-cache").await;
+        let same = before["live"] == after["live"]
+            && before["live_sequences"] == after["live_sequences"]
+            && before["peak_live_bytes"] == after["peak_live_bytes"];
+        if same {
+            break (after, prometheus_samples(&text));
+        }
+        assert!(attempts < 200, "figures never held still: {before} {after}");
+    };
+    let value = |name: &str| -> f64 {
+        *samples
+            .get(&p(name))
+            .unwrap_or_else(|| panic!("no {} in {samples:?}", p(name)))
+    };
+    let number = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} in {report}"));
+    assert!(number(&report["live_sequences"]) >= 1.0, "{report}");
+    assert!(
+        number(&report["live"]["quantized_tokens"]) > 0.0,
+        "nothing quantized yet: {report}"
+    );
+    for (metric, field) in [
+        ("kv_cache_live_sequences", &report["live_sequences"]),
+        ("kv_cache_live_tokens", &report["live"]["tokens"]),
+        (
+            "kv_cache_live_full_precision_tokens",
+            &report["live"]["full_precision_tokens"],
+        ),
+        (
+            "kv_cache_live_quantized_tokens",
+            &report["live"]["quantized_tokens"],
+        ),
+        ("kv_cache_live_bytes", &report["live"]["bytes"]),
+        (
+            "kv_cache_live_default_cache_bytes",
+            &report["live"]["default_cache_bytes"],
+        ),
+        ("kv_cache_peak_live_bytes", &report["peak_live_bytes"]),
+    ] {
+        assert_eq!(value(metric), number(field), "{metric} vs {report}");
+    }
+    assert!(value("kv_cache_live_bytes") < value("kv_cache_live_default_cache_bytes"));
+    let info = p(r#"kv_cache_info{backend="logquant","#);
+    assert!(
+        samples
+            .iter()
+            .any(|(k, v)| k.starts_with(&info) && *v == 1.0),
+        "no {info}: {samples:?}"
+    );
+    drop(stream); // disconnect; the sequence is released
+    server.assert_no_live_sequence().await;
+
+    // Requests are counted by route and status, refusals included.
+    let text = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = prometheus_samples(&text);
+    let count = |route: &str, status: u16| {
+        samples
+            .get(&p(&format!(
+                r#"http_requests_total{{route="{route}",status="{status}"}}"#
+            )))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("/v1/chat/completions", 200), 4.0, "{text}");
+    assert_eq!(count("/v1/chat/completions", 404), 1.0, "{text}");
+    assert_eq!(count("/v1/models", 200), 1.0, "{text}");
+    assert!(count("/v1/kv-cache", 200) >= 2.0, "{text}");
+    assert!(count("/metrics", 200) >= 1.0, "{text}");
+    assert!(!text.contains("/root") && !text.contains("/home"), "{text}");
 }

@@ -1,4 +1,5 @@
-//! `eval`: teacher-forced perplexity, KL and top-1 agreement through the decode path.
+//! `eval`: teacher-forced perplexity, KL and top-1 agreement through the decode path
+//! (`--task ppl`), or long-range retrieval (`--task copy`, see [`crate::retrieval`]).
 
 use std::path::PathBuf;
 
@@ -9,6 +10,17 @@ use super::{CacheArgs, ModelArgs};
 use crate::engine::KvCacheChoice;
 use crate::eval::{charts, evaluate, segment_table, table, EvalWindow};
 use crate::plot::svg;
+use crate::retrieval::{copy_charts, copy_table, evaluate_copy, CopySettings};
+
+/// What `eval` measures.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Teacher-forced perplexity, KL and top-1 agreement against the default cache.
+    Ppl,
+    /// Copy a passage seen `--fillers` tokens earlier (greedy; words right before the first
+    /// error).
+    Copy,
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -17,21 +29,38 @@ pub struct EvalArgs {
     /// LogQuant options shared by the configurations (the --kv-cache flag is ignored here).
     #[command(flatten)]
     pub cache: CacheArgs,
-    /// The text to score.
+    /// The text to score (or to take passages and fillers from).
     #[arg(long)]
     pub text: PathBuf,
-    /// Cache configurations, comma-separated: default, logquant, recent, sink-recent, none,
-    /// passthrough; `NAME:BITS` sets the bit width (e.g. logquant:8). The default cache is
-    /// always measured first, as the reference.
+    /// What to measure: ppl (perplexity, KL, top-1 vs default) or copy (retrieval).
+    #[arg(long, value_enum, default_value_t = Task::Ppl)]
+    pub task: Task,
+    /// Cache configurations, comma-separated: default, logquant, logquant-portable, recent,
+    /// sink-recent, none, passthrough, each optionally followed by `:`-separated options:
+    /// `BITS` (both widths), `kKvV` (key and value bits, e.g. k4v2), `gN` (group size), `kgN`
+    /// (key group size), `wN` (window), `rN` (recent), `rot` (Hadamard rotation), e.g.
+    /// `logquant:k3v2:kg128`. The default cache is always measured first, as the reference.
     #[arg(
         long,
         default_value = "default,logquant,recent,none",
         value_delimiter = ','
     )]
     pub configs: Vec<String>,
-    /// Tokens of the text to skip before the window.
+    /// Tokens of the text to skip before the window (copy: before the first passage).
     #[arg(long, default_value_t = 20000)]
     pub start: usize,
+    /// copy: filler lengths in tokens, comma-separated (the model's context bounds them).
+    #[arg(long, default_value = "1000,3000", value_delimiter = ',')]
+    pub fillers: Vec<usize>,
+    /// copy: passages per filler length.
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// copy: tokens per passage.
+    #[arg(long, default_value_t = 160)]
+    pub passage: usize,
+    /// copy: percent of the passage repeated after the filler.
+    #[arg(long, default_value_t = 40)]
+    pub prefix_percent: usize,
     /// Tokens prefilled exactly before scoring.
     #[arg(long, default_value_t = 1024)]
     pub prefill: usize,
@@ -46,14 +75,42 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// Parse `NAME[:BITS]` against the shared LogQuant options.
+/// One `:`-separated option of a `--configs` entry (see [`EvalArgs::configs`]).
+fn apply_config_option(args: &mut CacheArgs, option: &str) -> Result<()> {
+    let number = |s: &str| -> Result<usize> {
+        s.parse()
+            .map_err(|_| anyhow::anyhow!("`{s}` is not a number"))
+    };
+    if option == "rot" {
+        args.kv_rotate = Some(true);
+    } else if let Ok(bits) = option.parse::<u8>() {
+        args.kv_bits = Some(bits);
+        args.kv_key_bits = None;
+        args.kv_value_bits = None;
+    } else if let Some(rest) = option.strip_prefix("kg") {
+        args.kv_key_group_size = Some(number(rest)?);
+    } else if let Some((k, v)) = option.strip_prefix('k').and_then(|r| r.split_once('v')) {
+        args.kv_key_bits = Some(number(k)? as u8);
+        args.kv_value_bits = Some(number(v)? as u8);
+    } else if let Some(rest) = option.strip_prefix('g') {
+        args.kv_group_size = Some(number(rest)?);
+    } else if let Some(rest) = option.strip_prefix('w') {
+        args.kv_window = Some(number(rest)?);
+    } else if let Some(rest) = option.strip_prefix('r') {
+        args.kv_recent = Some(number(rest)?);
+    } else {
+        bail!("allowed: BITS, kKvV, gN, kgN, wN, rN, rot");
+    }
+    Ok(())
+}
+
+/// Parse `NAME[:OPTION...]` against the shared LogQuant options.
 pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheChoice>> {
     let mut out = Vec::new();
     for entry in names {
-        let (name, bits) = match entry.split_once(':') {
-            Some((n, b)) => (n.trim(), Some(b.trim())),
-            None => (entry.trim(), None),
-        };
+        let mut parts = entry.split(':').map(str::trim);
+        let name = parts.next().unwrap_or_default();
+        let options: Vec<&str> = parts.collect();
         let mut args = cache.clone();
         args.kv_cache = Some(name.to_string());
         match name {
@@ -72,14 +129,14 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
             "default" | "passthrough" => {}
             other => bail!(
                 "invalid value `{other}` for --configs (allowed: default, logquant, \
-                 logquant-portable, recent, sink-recent, none, passthrough, optionally with :BITS)"
+                 logquant-portable, recent, sink-recent, none, passthrough, optionally with \
+                 :OPTIONS)"
             ),
         }
-        if let Some(bits) = bits {
-            let bits: u8 = bits.parse().map_err(|_| {
-                anyhow::anyhow!("invalid bits `{bits}` in --configs entry `{entry}`")
+        for option in options {
+            apply_config_option(&mut args, option).with_context(|| {
+                format!("invalid option `{option}` in --configs entry `{entry}`")
             })?;
-            args.kv_bits = Some(bits);
         }
         out.push(args.resolve()?);
     }
@@ -91,6 +148,9 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     args.model.validate()?;
     if !args.text.is_file() {
         bail!("--text {} does not exist", args.text.display());
+    }
+    if args.task == Task::Copy {
+        return eval_copy(args, configs).await;
     }
     if args.prefill == 0 || args.score == 0 {
         bail!("--prefill and --score must be at least 1");
@@ -137,7 +197,8 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     println!();
     print!("{}", segment_table(&rows, window));
     if let Some(path) = &args.json {
-        let json = serde_json::json!({ "window": window, "rows": rows });
+        let run = crate::provenance::RunInfo::of_measurement(&options.model);
+        let json = serde_json::json!({ "window": window, "rows": rows, "run": run });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write --json {}", path.display()))?;
     }
@@ -146,4 +207,106 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
             .with_context(|| format!("cannot write --plot {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `eval --task copy`.
+async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
+    if args.passage < 2 || args.prompts == 0 || args.fillers.is_empty() {
+        bail!("--passage must be at least 2, --prompts at least 1, --fillers not empty");
+    }
+    if !(1..100).contains(&args.prefix_percent) {
+        bail!(
+            "invalid value `{}` for --prefix-percent (allowed: 1 to 99)",
+            args.prefix_percent
+        );
+    }
+    let options = args.model.engine_options(KvCacheChoice::Default).await?;
+    let settings = CopySettings {
+        start: args.start,
+        passage: args.passage,
+        prefix_percent: args.prefix_percent,
+        prompts: args.prompts,
+        fillers: args.fillers.clone(),
+    };
+    let measured = configs
+        .iter()
+        .filter(|c| **c != KvCacheChoice::Default)
+        .count()
+        + 1;
+    let bar =
+        indicatif::ProgressBar::new((measured * settings.prompts * settings.fillers.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} prompts, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    let counter = bar.clone();
+    let rows = evaluate_copy(
+        &options.model,
+        &args.text,
+        &settings,
+        &configs,
+        |msg| bar.set_message(msg.to_string()),
+        move |n| counter.set_position(n as u64),
+    )
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "copy task: {} passages of {} tokens from token {} of {}, the first {}% repeated after \
+         each filler, continued greedily\n",
+        settings.prompts,
+        settings.passage,
+        settings.start,
+        args.text.display(),
+        settings.prefix_percent
+    );
+    print!("{}", copy_table(&rows));
+    if let Some(path) = &args.json {
+        let run = crate::provenance::RunInfo::of_measurement(&options.model);
+        let json =
+            serde_json::json!({ "task": "copy", "settings": settings, "rows": rows, "run": run });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write --json {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg(&copy_charts(&rows)))
+            .with_context(|| format!("cannot write --plot {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_entries_take_colon_separated_options() {
+        let cache = CacheArgs::default();
+        let parse = |entry: &str| parse_configs(&[entry.to_string()], &cache);
+        let KvCacheChoice::LogQuant(c) = parse("logquant:k3v2:kg128:rot").unwrap().remove(0) else {
+            panic!("not logquant")
+        };
+        assert_eq!(
+            (c.key_bits(), c.value_bits(), c.key_group_size()),
+            (3, 2, 128)
+        );
+        assert!(c.rotate);
+        let KvCacheChoice::LogQuant(c) = parse("recent:8:r64:g32").unwrap().remove(0) else {
+            panic!("not logquant")
+        };
+        assert_eq!(
+            (c.key_bits(), c.value_bits(), c.recent, c.group_size),
+            (8, 8, 64, 32)
+        );
+        assert_eq!(parse("default").unwrap(), vec![KvCacheChoice::Default]);
+        for bad in ["logquant:k9v2", "logquant:zz", "logquant:kxv2", "nope"] {
+            let err = format!("{:#}", parse(bad).unwrap_err());
+            assert!(
+                err.contains("--configs") || err.contains("--kv-"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod metrics;
 pub mod openai;
 pub mod report;
 pub mod run;
@@ -67,15 +68,25 @@ pub struct CacheArgs {
     /// the backend seam). [default: logquant]
     #[arg(long)]
     pub kv_cache: Option<String>,
-    /// Bits per quantized value: 2, 4 or 8. [default: 2]
+    /// Bits per quantized key and value: 2, 3, 4 or 8. [default: 2]
     #[arg(long)]
     pub kv_bits: Option<u8>,
+    /// Bits per quantized key (overrides --kv-bits for keys): 2, 3, 4 or 8.
+    #[arg(long)]
+    pub kv_key_bits: Option<u8>,
+    /// Bits per quantized value (overrides --kv-bits for values): 2, 3, 4 or 8.
+    #[arg(long)]
+    pub kv_value_bits: Option<u8>,
     /// LogQuant window W (at most 3W full-precision tokens). [default: 42]
     #[arg(long)]
     pub kv_window: Option<usize>,
     /// Values per scale/min group (must divide head_dim). [default: 64]
     #[arg(long)]
     pub kv_group_size: Option<usize>,
+    /// Key scale/min group: tokens per group for per-channel keys (e.g. 128), channels for
+    /// per-token keys. [default: --kv-group-size]
+    #[arg(long)]
+    pub kv_key_group_size: Option<usize>,
     /// Key grouping: per-channel or per-token. [default: per-channel]
     #[arg(long)]
     pub kv_key_grouping: Option<String>,
@@ -92,8 +103,13 @@ pub struct CacheArgs {
     /// (dequantize, then mistral.rs's attention). [default: fused]
     #[arg(long)]
     pub kv_kernel: Option<String>,
+    /// Rotate keys and values by a normalized Hadamard transform over head_dim before
+    /// quantizing (`--kv-rotate` or `--kv-rotate true|false`). [default: false]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub kv_rotate: Option<bool>,
     /// A TOML file with `kv-cache = "..."` and a `[logquant]` table of the same options
-    /// (bits, window, group-size, key-grouping, policy, recent, sink).
+    /// (bits, key-bits, value-bits, window, group-size, key-group-size, key-grouping, policy,
+    /// recent, sink, kernel, rotate).
     #[arg(long)]
     pub kv_config: Option<PathBuf>,
 }
@@ -146,7 +162,19 @@ impl CacheArgs {
         let file_has_logquant = file.logquant.is_some();
         let mut config = file.logquant.unwrap_or_default();
         if let Some(v) = self.kv_bits {
-            config.bits = v;
+            config.set_bits(v);
+        }
+        if let Some(v) = self.kv_key_bits {
+            config.key_bits = Some(v);
+        }
+        if let Some(v) = self.kv_value_bits {
+            config.value_bits = Some(v);
+        }
+        if let Some(v) = self.kv_key_group_size {
+            config.key_group_size = Some(v);
+        }
+        if let Some(v) = self.kv_rotate {
+            config.rotate = v;
         }
         if let Some(v) = self.kv_window {
             config.window = v;
@@ -193,6 +221,10 @@ impl CacheArgs {
     fn logquant_flags_given(&self, file_has_logquant: bool) -> Vec<&'static str> {
         let mut given: Vec<&'static str> = [
             (self.kv_bits.is_some(), "--kv-bits"),
+            (self.kv_key_bits.is_some(), "--kv-key-bits"),
+            (self.kv_value_bits.is_some(), "--kv-value-bits"),
+            (self.kv_key_group_size.is_some(), "--kv-key-group-size"),
+            (self.kv_rotate.is_some(), "--kv-rotate"),
             (self.kv_window.is_some(), "--kv-window"),
             (self.kv_group_size.is_some(), "--kv-group-size"),
             (self.kv_key_grouping.is_some(), "--kv-key-grouping"),
@@ -289,7 +321,11 @@ mod tests {
     #[test]
     fn every_bad_value_names_its_flag() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--kv-bits", "3"], "--kv-bits"),
+            (&["--kv-bits", "5"], "--kv-bits"),
+            (&["--kv-key-bits", "1"], "--kv-key-bits"),
+            (&["--kv-value-bits", "16"], "--kv-value-bits"),
+            (&["--kv-key-group-size", "6"], "--kv-key-group-size"),
+            (&["--kv-rotate", "maybe"], "--kv-rotate"),
             (&["--kv-window", "0"], "--kv-window"),
             (&["--kv-group-size", "6"], "--kv-group-size"),
             (&["--kv-key-grouping", "diagonal"], "--kv-key-grouping"),
@@ -321,7 +357,7 @@ mod tests {
     #[test]
     fn logquant_values_are_checked_with_every_cache() {
         for cache in ["default", "passthrough"] {
-            let err = parse(&["--kv-cache", cache, "--kv-bits", "3"])
+            let err = parse(&["--kv-cache", cache, "--kv-bits", "5"])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("--kv-bits"), "{cache}: {err}");
@@ -352,6 +388,31 @@ mod tests {
             panic!("not logquant")
         };
         assert_eq!((c.bits, c.window, c.policy), (4, 8, PolicyKind::Recent));
+        std::fs::write(
+            &path,
+            "[logquant]\nkey-bits = 4\nvalue-bits = 2\nkey-group-size = 128\nrotate = true\n",
+        )
+        .unwrap();
+        let KvCacheChoice::LogQuant(c) = parse(&["--kv-config", p]).unwrap() else {
+            panic!("not logquant")
+        };
+        assert_eq!(
+            (c.key_bits(), c.value_bits(), c.key_group_size()),
+            (4, 2, 128)
+        );
+        assert!(c.rotate);
+        // --kv-bits sets both widths, over the file's; the per-tensor flags override it.
+        let KvCacheChoice::LogQuant(c) =
+            parse(&["--kv-config", p, "--kv-bits", "8", "--kv-rotate", "false"]).unwrap()
+        else {
+            panic!("not logquant")
+        };
+        assert_eq!((c.key_bits(), c.value_bits(), c.rotate), (8, 8, false));
+        let KvCacheChoice::LogQuant(c) = parse(&["--kv-bits", "2", "--kv-key-bits", "3"]).unwrap()
+        else {
+            panic!("not logquant")
+        };
+        assert_eq!((c.key_bits(), c.value_bits()), (3, 2));
         std::fs::write(&path, "[logquant]\nbitz = 4\n").unwrap();
         let err = parse(&["--kv-config", p]).unwrap_err().to_string();
         assert!(err.contains("bitz"), "{err}");

@@ -362,12 +362,18 @@ fn legacy_logprobs(entries: &[Value], start: usize) -> (Value, usize) {
 #[derive(Debug)]
 struct Shaper {
     endpoint: Endpoint,
+    /// The served model's name, put in `model` (mistral.rs puts its pipeline's name there,
+    /// which for a local model is a path).
+    model: Option<String>,
     /// Characters streamed so far per choice (completions `text_offset`).
     offsets: HashMap<u64, usize>,
 }
 
 impl Shaper {
     fn shape(&mut self, body: &mut Value) {
+        if let (Some(name), Some(model)) = (&self.model, body.get_mut("model")) {
+            *model = Value::String(name.clone());
+        }
         let Some(choices) = body.get_mut("choices").and_then(Value::as_array_mut) else {
             return;
         };
@@ -450,8 +456,12 @@ impl Shaper {
     }
 }
 
-/// Bring a handler's response into OpenAI's shape.
-pub async fn shape_response(endpoint: Endpoint, response: Response) -> Response {
+/// Bring a handler's response into OpenAI's shape, naming the model `model` when given.
+pub async fn shape_response(
+    endpoint: Endpoint,
+    model: Option<String>,
+    response: Response,
+) -> Response {
     let status = response.status();
     let (mut parts, body) = response.into_parts();
     let is_stream = parts
@@ -467,6 +477,7 @@ pub async fn shape_response(endpoint: Endpoint, response: Response) -> Response 
     }
     let mut shaper = Shaper {
         endpoint,
+        model,
         offsets: HashMap::new(),
     };
     if is_stream {
@@ -534,11 +545,13 @@ mod tests {
     fn completions_get_the_legacy_shape_with_offsets_after_an_echoed_prompt() {
         let mut shaper = Shaper {
             endpoint: Endpoint::Completion,
+            model: Some("My-Model".into()),
             offsets: HashMap::new(),
         };
-        let mut body = json!({"choices": [{"index": 0, "text": "Hi there", "logprobs":
-            {"content": [entry(" there", -0.5)]}}]});
+        let mut body = json!({"model": "/models/dir", "choices": [{"index": 0,
+            "text": "Hi there", "logprobs": {"content": [entry(" there", -0.5)]}}]});
         shaper.shape(&mut body);
+        assert_eq!(body["model"], "My-Model");
         let lp = &body["choices"][0]["logprobs"];
         assert_eq!(lp["tokens"], json!([" there"]));
         assert_eq!(lp["token_logprobs"], json!([-0.5]));
@@ -550,14 +563,17 @@ mod tests {
     fn streamed_errors_become_json_events_and_chat_chunks_get_content_lists() {
         let mut shaper = Shaper {
             endpoint: Endpoint::Chat,
+            model: Some("My-Model".into()),
             offsets: HashMap::new(),
         };
         let event = shaper.shape_event("data: logquant: group size 48\n\n");
         let v: Value = serde_json::from_str(event.trim().strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(v["error"]["message"], "logquant: group size 48");
-        let chunk = json!({"choices": [{"index": 0, "logprobs": entry("a", -0.1)}]});
+        let chunk = json!({"model": "/models/dir",
+                           "choices": [{"index": 0, "logprobs": entry("a", -0.1)}]});
         let event = shaper.shape_event(&format!("data: {chunk}\n\n"));
         let v: Value = serde_json::from_str(event.trim().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["model"], "My-Model");
         assert_eq!(
             v["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["token"],
             " x"

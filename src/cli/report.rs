@@ -10,6 +10,8 @@ use serde::Deserialize;
 use crate::bench::{self, BenchReport, BenchRow};
 use crate::eval::{self, EvalRow, EvalWindow};
 use crate::plot::svg;
+use crate::provenance::RunInfo;
+use crate::retrieval::{self, CopyRow, CopySettings};
 
 #[derive(Args, Debug, Clone)]
 pub struct ReportArgs {
@@ -24,13 +26,36 @@ pub struct ReportArgs {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Input {
+    /// `eval --task copy --json` (listed first: its fields are a superset of none other).
+    Copy {
+        #[allow(dead_code)]
+        task: String,
+        settings: CopySettings,
+        rows: Vec<CopyRow>,
+        #[serde(default)]
+        run: Option<RunInfo>,
+    },
     Eval {
         window: EvalWindow,
         rows: Vec<EvalRow>,
+        /// What the run ran on (absent in JSON written before it was recorded).
+        #[serde(default)]
+        run: Option<RunInfo>,
     },
     Bench(BenchReport),
     /// `bench --json` before the budget runs existed: a bare list of rows.
     BenchRows(Vec<BenchRow>),
+}
+
+impl Input {
+    /// What the run ran on, when the JSON records it.
+    fn run(&self) -> Option<&RunInfo> {
+        match self {
+            Self::Copy { run, .. } | Self::Eval { run, .. } => run.as_ref(),
+            Self::Bench(report) => report.run.as_ref(),
+            Self::BenchRows(_) => None,
+        }
+    }
 }
 
 pub fn report(args: ReportArgs) -> Result<()> {
@@ -43,8 +68,17 @@ pub fn report(args: ReportArgs) -> Result<()> {
             args.input.display()
         ),
     };
+    match input.run() {
+        Some(run) => println!("run: {}\n", run.summary()),
+        None => println!("run: not recorded\n"),
+    }
     let charts = match input {
-        Input::Eval { window, rows } => {
+        Input::Copy { settings, rows, .. } => {
+            println!("copy task: {settings:?}\n");
+            print!("{}", retrieval::copy_table(&rows));
+            retrieval::copy_charts(&rows)
+        }
+        Input::Eval { window, rows, .. } => {
             print!("{}", eval::table(&rows));
             println!();
             print!("{}", eval::segment_table(&rows, window));
@@ -68,4 +102,47 @@ pub fn report(args: ReportArgs) -> Result<()> {
             .with_context(|| format!("cannot write --plot {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod provenance_tests {
+    use super::*;
+
+    /// The results committed in docs/ (written before runs recorded their conditions) still
+    /// read, and a run's record reads back from bench and eval JSON.
+    #[test]
+    fn committed_results_and_recorded_runs_both_read() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        let mut read = 0;
+        for entry in std::fs::read_dir(&docs).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                serde_json::from_str::<Input>(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                read += 1;
+            }
+        }
+        assert!(read > 0, "no JSON in {}", docs.display());
+        let run = RunInfo {
+            commit: "abc".into(),
+            threads: 2,
+            ..RunInfo::default()
+        };
+        let bench = BenchReport {
+            run: Some(run.clone()),
+            ..BenchReport::default()
+        };
+        let back: Input = serde_json::from_str(&serde_json::to_string(&bench).unwrap()).unwrap();
+        assert!(matches!(back, Input::Bench(_)));
+        assert_eq!(back.run(), Some(&run));
+        let eval = serde_json::json!({
+            "window": EvalWindow { start: 0, prefill: 1, score: 1 },
+            "rows": [],
+            "run": run,
+        });
+        let back: Input = serde_json::from_str(&eval.to_string()).unwrap();
+        assert!(matches!(back, Input::Eval { .. }));
+        assert_eq!(back.run(), Some(&run));
+    }
 }

@@ -1,4 +1,5 @@
-//! `serve`: the OpenAI-compatible server of mistralrs-server-core, plus `GET /v1/kv-cache`.
+//! `serve`: the OpenAI-compatible server of mistralrs-server-core, plus `GET /v1/kv-cache` and
+//! `GET /metrics` (Prometheus, see [`metrics`](super::metrics)).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use mistralrs_core::MistralRs;
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use serde_json::json;
 
+use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
 use crate::engine::{build_engine, KvCacheChoice};
@@ -54,7 +56,14 @@ pub fn kv_cache_report(choice: &KvCacheChoice) -> serde_json::Value {
     json!({
         "backend": choice.name(),
         "parameters": match choice {
-            KvCacheChoice::LogQuant(config) => serde_json::to_value(config).unwrap_or_default(),
+            KvCacheChoice::LogQuant(config) => {
+                // The widths and key group in effect, whether set one by one or through `bits`.
+                let mut p = serde_json::to_value(config).unwrap_or_default();
+                p["key-bits"] = json!(config.key_bits());
+                p["value-bits"] = json!(config.value_bits());
+                p["key-group-size"] = json!(config.key_group_size());
+                p
+            }
             _ => serde_json::Value::Null,
         },
         "description": choice.label(),
@@ -99,7 +108,8 @@ async fn validate_request(
         Some(seed) => mistralrs_core::with_request_seed(seed, next.run(request)).await,
         None => next.run(request).await,
     };
-    openai::shape_response(endpoint, response).await
+    let model = engine.get_default_model_id().ok().flatten();
+    openai::shape_response(endpoint, model, response).await
 }
 
 /// The checked (and possibly rewritten) body of a chat or completion request.
@@ -203,6 +213,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     let engine = build_engine(&options).await?;
     let report_choice = Arc::new(cache.clone());
+    let server_metrics = Arc::new(Metrics::new(&cache));
     let router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(engine.clone())
         .build()
@@ -214,7 +225,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 async move { Json(kv_cache_report(&choice)) }
             }),
         )
-        .layer(middleware::from_fn_with_state(engine, validate_request));
+        .route(
+            "/metrics",
+            get(metrics::scrape).with_state(server_metrics.clone()),
+        )
+        .layer(middleware::from_fn_with_state(engine, validate_request))
+        // Outermost: counts every answer, the validation's refusals included.
+        .layer(middleware::from_fn_with_state(
+            server_metrics,
+            metrics::count_requests,
+        ));
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!(

@@ -1,5 +1,6 @@
 //! Fused decode attention on the CPU over the packed cache: scores and values are computed from
-//! the 2/4/8-bit codes, scales and minimums directly; no dequantized copy of the cache is built.
+//! the 2/3/4/8-bit codes, scales and minimums directly; no dequantized copy of the cache is built.
+//! Keys and values may have different widths (each block carries its own).
 //!
 //! With per-token groups (scale `s`, minimum `m` over channels `g` of one token):
 //!
@@ -15,6 +16,11 @@
 //!
 //! Values are per-token groups: `sum_t p_t v_hat_t[c] = sum_t (p_t s_tg) codes_t[c] + sum_t p_t m_tg`.
 //! Softmax is exact (all scores kept, max subtracted) in f32, whatever the activation dtype.
+//!
+//! Rotated blocks (`QuantBlock::rotated`, rows stored as `R x` with `R = H / sqrt(dim)`
+//! orthogonal and symmetric): keys are scored with the rotated query `R q`, since
+//! `(R q) . (R k) = q . k`; a span's weighted sum of rotated values is rotated back once per
+//! query row (`R` is its own inverse) before the spans are merged, which is linear.
 //! The reference is [`crate::reference::naive_attention`] over the dequantized layout.
 //!
 //! Work is split into spans of at most a few hundred tokens of one (sequence, kv head), so both
@@ -117,6 +123,15 @@ fn unpack_row<const FMA: bool>(table: &Unpack, packed: &[u8], bits: u8, out: &mu
         4 => {
             for (o, &b) in out.chunks_exact_mut(2).zip(packed) {
                 o.copy_from_slice(&table.four[b as usize]);
+            }
+        }
+        3 => {
+            // Eight codes in three bytes, low bits first (see `quant`).
+            for (o, b) in out.chunks_exact_mut(8).zip(packed.chunks_exact(3)) {
+                let w = b[0] as u32 | (b[1] as u32) << 8 | (b[2] as u32) << 16;
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = ((w >> (3 * j)) & 7) as f32;
+                }
             }
         }
         _ => {
@@ -464,6 +479,8 @@ struct SpanTask<'a> {
     head: usize,
     /// `[row][dim]` queries of this kv head: its query heads times the chunk's positions.
     queries: &'a [f32],
+    /// The same rows rotated by `H / sqrt(dim)`, for rotated key blocks (empty if none).
+    rotated_queries: &'a [f32],
     query_rows: usize,
     dim: usize,
     scale: f32,
@@ -648,6 +665,7 @@ fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
         dense,
         head,
         queries,
+        rotated_queries,
         query_rows,
         dim,
         scale,
@@ -667,7 +685,11 @@ fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
             &store.chunks()[chunk].k,
             head,
             range,
-            queries,
+            if store.chunks()[chunk].k.rotated {
+                rotated_queries
+            } else {
+                queries
+            },
             query_rows,
             scale,
             &mut scores,
@@ -706,15 +728,15 @@ fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
     }
     let mut out = vec![0f32; query_rows * dim];
     match span.source {
-        Source::Quant { chunk } => block_values::<FMA>(
-            &store.chunks()[chunk].v,
-            head,
-            range,
-            &scores,
-            query_rows,
-            &mut out,
-            &mut codes,
-        ),
+        Source::Quant { chunk } => {
+            let block = &store.chunks()[chunk].v;
+            block_values::<FMA>(
+                block, head, range, &scores, query_rows, &mut out, &mut codes,
+            );
+            if block.rotated {
+                crate::quant::hadamard_rows(&mut out, dim);
+            }
+        }
         Source::Dense { part } => {
             let d = &dense[part];
             let v = &d.v[(head * d.tokens + span.start) * dim..(head * d.tokens + span.end) * dim];
@@ -835,6 +857,14 @@ pub fn attend_with(
     // Query rows of one kv head: its query heads times the positions, `[head][position]`.
     let query_rows = q_heads / kv_heads * q_len;
     let qf = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let any_rotated_keys = rows.iter().any(|r| r.chunks().iter().any(|c| c.k.rotated));
+    let qf_rotated = if any_rotated_keys {
+        let mut r = qf.clone();
+        crate::quant::hadamard_rows(&mut r, dim);
+        r
+    } else {
+        Vec::new()
+    };
     let dense: Vec<Vec<DenseRows>> = rows
         .iter()
         .enumerate()
@@ -875,15 +905,17 @@ pub fn attend_with(
         .zip(&row_spans)
         .enumerate()
         .flat_map(|(bi, ((store, dense), spans))| {
-            let qf = &qf;
+            let (qf, qf_rotated) = (&qf, &qf_rotated);
             (0..kv_heads).flat_map(move |h| {
                 let first = (bi * kv_heads + h) * per_head;
                 let queries = &qf[first..first + per_head];
+                let rotated_queries = qf_rotated.get(first..first + per_head).unwrap_or(&[]);
                 spans.iter().map(move |&span| SpanTask {
                     store,
                     dense,
                     head: h,
                     queries,
+                    rotated_queries,
                     query_rows,
                     dim,
                     scale,

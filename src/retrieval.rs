@@ -1,0 +1,303 @@
+//! Long-range retrieval through the decode path (`eval --task copy`): can the model still copy
+//! a passage it saw `filler` tokens ago?
+//!
+//! Each prompt is `passage | separator | filler | separator | passage[..cut]`, with the
+//! passage's first `prefix_percent` (40%) repeated; the model continues it greedily (special
+//! tokens suppressed) for as many tokens as the passage has left. The score is the fraction of
+//! the continuation's words (whitespace-separated, after detokenizing both) reproduced before
+//! the first wrong word: 1.0 is a verbatim copy. Passages and fillers are token ranges of one
+//! text: passage `i` starts `start + i * passage` tokens in, and its filler is the text half
+//! its length further on (wrapping around), so a filler never contains its own passage.
+//! Nothing here depends on the model: any tokenizer, any text long enough.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
+use crate::generate::{
+    detokenize, finished_sequences, generate_greedy, special_token_ids, tokenize,
+    usage_of_next_finished,
+};
+use crate::model_source::ModelSource;
+
+/// What to ask: `prompts` passages of `passage` tokens, each after every filler length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySettings {
+    /// Tokens of the text skipped before the first passage.
+    pub start: usize,
+    /// Tokens per passage.
+    pub passage: usize,
+    /// Percent of the passage repeated after the filler (the rest is to be continued).
+    pub prefix_percent: usize,
+    /// Passages (prompts) per filler length.
+    pub prompts: usize,
+    /// Filler lengths, in tokens.
+    pub fillers: Vec<usize>,
+}
+
+impl CopySettings {
+    /// Tokens of the passage repeated after the filler.
+    pub fn cut(&self) -> usize {
+        (self.passage * self.prefix_percent / 100).clamp(1, self.passage - 1)
+    }
+}
+
+/// One configuration at one filler length.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyCell {
+    pub filler: usize,
+    /// Score of each prompt, in order.
+    pub scores: Vec<f64>,
+    pub mean: f64,
+    /// Prompts copied verbatim (score 1).
+    pub verbatim: usize,
+}
+
+/// One configuration's scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyRow {
+    pub config: String,
+    pub cells: Vec<CopyCell>,
+    /// KV-cache bytes of the last prompt at the longest filler, what the default cache would
+    /// hold for it, and its cached tokens.
+    pub cache_bytes: usize,
+    pub dense_cache_bytes: usize,
+    pub cached_tokens: usize,
+}
+
+/// Fraction of `expected`'s words that `generated` reproduces before its first wrong word.
+pub fn copy_score(expected: &str, generated: &str) -> f64 {
+    let want: Vec<&str> = expected.split_whitespace().collect();
+    if want.is_empty() {
+        return 1.0;
+    }
+    let right = want
+        .iter()
+        .zip(generated.split_whitespace())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    right as f64 / want.len() as f64
+}
+
+/// One prompt: its tokens and the continuation to reproduce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPrompt {
+    pub prompt: Vec<u32>,
+    pub expected: Vec<u32>,
+}
+
+/// The prompt of passage `index` after `filler` tokens of filler, from the text's `tokens`.
+pub fn build_prompt(
+    tokens: &[u32],
+    separator: &[u32],
+    settings: &CopySettings,
+    index: usize,
+    filler: usize,
+) -> Result<CopyPrompt> {
+    let n = tokens.len();
+    let start = settings.start + index * settings.passage;
+    if start + settings.passage > n {
+        bail!(
+            "the text has {n} tokens; passage {} needs {} (start {} + {} passages of {})",
+            index + 1,
+            start + settings.passage,
+            settings.start,
+            index + 1,
+            settings.passage
+        );
+    }
+    if filler + settings.passage > n / 2 {
+        bail!(
+            "a {filler}-token filler needs a text of at least {} tokens (it has {n})",
+            2 * (filler + settings.passage)
+        );
+    }
+    let passage = &tokens[start..start + settings.passage];
+    let cut = settings.cut();
+    let filler_start = start + n / 2;
+    let mut prompt = Vec::with_capacity(filler + settings.passage + cut + 2 * separator.len());
+    prompt.extend_from_slice(passage);
+    prompt.extend_from_slice(separator);
+    prompt.extend((0..filler).map(|k| tokens[(filler_start + k) % n]));
+    prompt.extend_from_slice(separator);
+    prompt.extend_from_slice(&passage[..cut]);
+    Ok(CopyPrompt {
+        prompt,
+        expected: passage[cut..].to_vec(),
+    })
+}
+
+/// Run the copy task with each configuration (the default cache first, added if missing).
+/// `progress` gets a message per phase, `done` the number of prompts answered so far over all
+/// configurations.
+pub async fn evaluate_copy(
+    model: &ModelSource,
+    text_path: &Path,
+    settings: &CopySettings,
+    configs: &[KvCacheChoice],
+    progress: impl Fn(&str),
+    done: impl Fn(usize),
+) -> Result<Vec<CopyRow>> {
+    if settings.passage < 2 || settings.prompts == 0 || settings.fillers.is_empty() {
+        bail!("the copy task needs a passage of at least 2 tokens, 1 prompt and 1 filler length");
+    }
+    let text = std::fs::read_to_string(text_path)
+        .with_context(|| format!("cannot read --text {}", text_path.display()))?;
+    let mut configs = configs.to_vec();
+    configs.retain(|c| *c != KvCacheChoice::Default);
+    configs.insert(0, KvCacheChoice::Default);
+    let suppressed = special_token_ids(model)?;
+    let mut answered = 0;
+    let mut rows = Vec::new();
+    let mut prompts: Vec<Vec<(CopyPrompt, String)>> = Vec::new();
+    for config in configs {
+        progress(&format!("loading model with {}", config.label()));
+        let engine = build_engine(&EngineOptions::new(model.clone(), config.clone())).await?;
+        if prompts.is_empty() {
+            let tokens = tokenize(&engine, &text).await?;
+            let separator = tokenize(&engine, "\n\n").await?;
+            for &filler in &settings.fillers {
+                let mut at_filler = Vec::new();
+                for i in 0..settings.prompts {
+                    let p = build_prompt(&tokens, &separator, settings, i, filler)?;
+                    let expected = detokenize(&engine, p.expected.clone()).await?;
+                    at_filler.push((p, expected));
+                }
+                prompts.push(at_filler);
+            }
+        }
+        let mut cells = Vec::new();
+        let mut last_usage = None;
+        for (&filler, at_filler) in settings.fillers.iter().zip(&prompts) {
+            progress(&format!("{} after {filler} filler tokens", config.label()));
+            let mut scores = Vec::new();
+            for (p, expected) in at_filler {
+                let finished = finished_sequences();
+                let out = generate_greedy(&engine, p.prompt.clone(), p.expected.len(), &suppressed)
+                    .await?;
+                last_usage = usage_of_next_finished(finished).await;
+                scores.push(copy_score(expected, &detokenize(&engine, out).await?));
+                answered += 1;
+                done(answered);
+            }
+            let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+            cells.push(CopyCell {
+                filler,
+                verbatim: scores.iter().filter(|&&s| s == 1.0).count(),
+                mean,
+                scores,
+            });
+        }
+        drop(engine);
+        let usage = last_usage.unwrap_or_default();
+        rows.push(CopyRow {
+            config: config.label(),
+            cells,
+            cache_bytes: usage.bytes,
+            dense_cache_bytes: usage.dense_bytes,
+            cached_tokens: usage.tokens,
+        });
+    }
+    Ok(rows)
+}
+
+/// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
+/// default cache's (the first row).
+pub fn copy_table(rows: &[CopyRow]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let mut out = String::from("| config |");
+    for c in &first.cells {
+        out.push_str(&format!(" copy, {} filler | vs default |", c.filler));
+    }
+    out.push_str(" KV bytes (last prompt) | vs default |\n|---|");
+    out.push_str(&"---|---|".repeat(first.cells.len()));
+    out.push_str("---|---|\n");
+    for r in rows {
+        out.push_str(&format!("| {} |", r.config));
+        for (c, d) in r.cells.iter().zip(&first.cells) {
+            let ratio = if d.mean > 0.0 {
+                format!("{:.2}", c.mean / d.mean)
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                " {:.3} ({}/{} verbatim) | {ratio} |",
+                c.mean,
+                c.verbatim,
+                c.scores.len()
+            ));
+        }
+        out.push_str(&format!(
+            " {} | {:.2}x smaller |\n",
+            r.cache_bytes,
+            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+        ));
+    }
+    out
+}
+
+/// Mean copy score against filler length, one line per configuration.
+pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    vec![Chart {
+        title: "Copy score after a filler".into(),
+        x_label: "filler (tokens between the passage and its repetition)".into(),
+        y_label: "fraction of words copied before the first error".into(),
+        series: rows
+            .iter()
+            .map(|r| Series {
+                label: r.config.clone(),
+                points: r.cells.iter().map(|c| (c.filler as f64, c.mean)).collect(),
+            })
+            .collect(),
+    }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn score_counts_words_before_the_first_error() {
+        assert_eq!(copy_score("a b c d", "a b c d"), 1.0);
+        assert_eq!(copy_score("a b c d", "a b x d"), 0.5);
+        assert_eq!(copy_score("a b c d", "x b c d"), 0.0);
+        // Whitespace differences are not errors; a truncated generation scores what it has.
+        assert_eq!(copy_score(" a\nb  c d", "a b c"), 0.75);
+        assert_eq!(copy_score("", "anything"), 1.0);
+    }
+
+    #[test]
+    fn prompts_repeat_the_passage_prefix_after_an_unrelated_filler() {
+        let tokens: Vec<u32> = (0..1000).collect();
+        let settings = CopySettings {
+            start: 10,
+            passage: 20,
+            prefix_percent: 40,
+            prompts: 3,
+            fillers: vec![100],
+        };
+        let p = build_prompt(&tokens, &[9999], &settings, 2, 100).unwrap();
+        let passage: Vec<u32> = (50..70).collect();
+        assert_eq!(&p.prompt[..20], &passage[..]);
+        assert_eq!(p.prompt[20], 9999);
+        assert_eq!(p.prompt[21], 550, "filler starts half the text further on");
+        assert_eq!(p.prompt[121], 9999);
+        assert_eq!(&p.prompt[122..], &passage[..8]);
+        assert_eq!(p.expected, &passage[8..]);
+        assert!(p.prompt[21..121].iter().all(|t| !passage.contains(t)));
+        // Fillers wrap around the end of the text.
+        let late = CopySettings {
+            start: 900,
+            ..settings.clone()
+        };
+        let p = build_prompt(&tokens, &[], &late, 0, 100).unwrap();
+        assert_eq!(p.prompt[20], 400);
+        let err = build_prompt(&tokens, &[], &settings, 0, 490).unwrap_err();
+        assert!(err.to_string().contains("at least 1020 tokens"), "{err}");
+    }
+}

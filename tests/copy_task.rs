@@ -1,0 +1,58 @@
+//! `eval --task copy` on SmolLM2 and the shared text: the retrieval score separates a cache
+//! that keeps the passage from one that has lost it.
+//!
+//! Oracle: the default cache copies a 100-token passage back after 300 tokens of unrelated text
+//! (measured 0.81 of the words, 2 of 3 verbatim), while LogQuant's `none` policy at 2 bits
+//! (every token quantized once a key group is full) gets almost nothing right (0.05). Weights run
+//! as f32 (`CANDLE_DEQUANTIZE_ALL`) for speed; both caches see the same prompts in one process.
+
+mod common;
+
+use common::*;
+use mistralrs_logquant::config::{LogQuantConfig, PolicyKind};
+use mistralrs_logquant::engine::KvCacheChoice;
+use mistralrs_logquant::retrieval::{copy_table, evaluate_copy, CopySettings};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_cache_copies_what_an_all_quantized_cache_loses() {
+    continuous_weights();
+    let text = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/kjv_genesis_exodus.txt"
+    ));
+    let settings = CopySettings {
+        start: 20000,
+        passage: 100,
+        prefix_percent: 40,
+        prompts: 2,
+        fillers: vec![300],
+    };
+    let broken = KvCacheChoice::LogQuant(LogQuantConfig {
+        policy: PolicyKind::None,
+        ..LogQuantConfig::default()
+    });
+    let rows = evaluate_copy(
+        &model(),
+        text,
+        &settings,
+        &[KvCacheChoice::Default, broken],
+        |_| {},
+        |_| {},
+    )
+    .await
+    .expect("copy task");
+    let table = copy_table(&rows);
+    assert_eq!(rows.len(), 2, "{table}");
+    let (default, none) = (&rows[0].cells[0], &rows[1].cells[0]);
+    assert_eq!(default.scores.len(), 2);
+    assert!(
+        default.mean >= 0.5 && none.mean <= default.mean - 0.4,
+        "default {:?} vs none {:?}\n{table}",
+        default.scores,
+        none.scores
+    );
+    // The byte counter of the last prompt: 100 + 300 + 40 prompt tokens and 2 separators, plus
+    // the 60 generated (the last one is not cached).
+    assert!(rows[1].cache_bytes * 4 < rows[0].cache_bytes, "{table}");
+    assert_eq!(rows[0].cached_tokens, rows[1].cached_tokens);
+}
