@@ -300,15 +300,7 @@ async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
         .await;
     assert!(ok.is_ok(), "{ok:?}");
     // The abandoned sequences are released: nothing stays live.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let report = server.get_json("/v1/kv-cache").await;
-        if report["live_sequences"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sequences still live: {report}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    server.assert_no_live_sequence().await;
 }
 
 #[test]
