@@ -329,7 +329,7 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
         (&["--host", "not an address"], "--host"),
     ];
     for (args, needle) in cases {
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .arg("serve")
             .args(*args)
             .env("MISTRALRS_LOGQUANT_CACHE", "/nonexistent-cache-dir")
@@ -339,15 +339,11 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
             .spawn()
             .unwrap();
         // A value that became valid would start a server that never exits: fail, don't hang.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                child.kill().ok();
-                panic!("{args:?} was accepted: the server is still running after 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = exited_within(
+            child,
+            Duration::from_secs(60),
+            &format!("{args:?} accepted"),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
@@ -356,6 +352,20 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
 }
 
 // ---- Issue 14: faults found by replaying public bug reports against `serve` and `run`. ----
+
+/// The output of `child`, which must exit within `limit`; killed, and the test failed with
+/// `what`, if it is still running then (a server that started instead of refusing).
+fn exited_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
 
 /// A copy of the default model whose GGUF metadata says the context is `n` tokens (the weights
 /// are untouched), so that filling the context takes seconds, not minutes.
@@ -441,7 +451,7 @@ impl Server {
 #[test]
 fn a_value_the_model_refutes_refuses_the_start() {
     let _ = common::model();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "-p", "0", "--kv-group-size", "48"])
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -449,21 +459,14 @@ fn a_value_the_model_refutes_refuses_the_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("serve --kv-group-size 48 started instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = child.wait_with_output().unwrap();
+    let out = exited_within(
+        child,
+        Duration::from_secs(180),
+        "serve --kv-group-size 48 started instead of refusing",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!status.success(), "{stderr}");
+    assert!(!out.status.success(), "{stderr}");
     assert!(!stdout.contains("Serving"), "{stdout}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
