@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{finished_sequences, run_request, special_token_ids, usage_of_next_finished};
-use crate::model_source::ModelSource;
 use crate::provenance::RunInfo;
 
 /// Greedy over non-special tokens, stamping the time of every step.
@@ -278,7 +277,7 @@ pub struct BenchReport {
 
 /// Measure every (configuration, context, batch) cell, then the budget runs if asked.
 pub async fn bench(
-    model: &ModelSource,
+    base: &EngineOptions,
     configs: &[KvCacheChoice],
     contexts: &[usize],
     batches: &[usize],
@@ -289,15 +288,15 @@ pub async fn bench(
     if decode < 3 {
         bail!("--decode must be at least 3 (the median needs decode steps)");
     }
-    let special = special_token_ids(model)?;
+    let special = special_token_ids(&base.model)?;
     let mut report = BenchReport {
-        run: Some(RunInfo::of_measurement(model)),
+        run: Some(RunInfo::collect(base)),
         ..BenchReport::default()
     };
     for config in configs {
         let label = config.label();
         progress(&format!("loading model with {label}"));
-        let mut options = EngineOptions::new(model.clone(), config.clone());
+        let mut options = base.with_cache(config.clone());
         options.max_seqs = batches
             .iter()
             .copied()

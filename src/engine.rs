@@ -82,26 +82,12 @@ impl FromStr for KvCacheChoice {
 }
 
 /// Activation dtype of the model (and so of the default cache).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     Auto,
     F32,
     F16,
     Bf16,
-}
-
-impl FromStr for Dtype {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "auto" => Self::Auto,
-            "f32" => Self::F32,
-            "f16" => Self::F16,
-            "bf16" => Self::Bf16,
-            _ => bail!("invalid value `{s}` for --dtype (allowed: auto, f32, f16, bf16)"),
-        })
-    }
 }
 
 impl Dtype {
@@ -125,6 +111,53 @@ impl Dtype {
     }
 }
 
+/// How a GGUF model's quantized weights run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    /// `f32` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU,
+    /// `as-is` otherwise.
+    Auto,
+    /// Dequantized to f32 once at load (candle's `CANDLE_DEQUANTIZE_ALL`): matmuls then run
+    /// on candle's SIMD f32 GEMM. Costs 4 bytes per parameter of memory.
+    F32,
+    /// As stored: candle's quantized matmuls (on the CPU, Q4_1 has only a scalar kernel).
+    #[value(name = "as-is")]
+    AsIs,
+}
+
+/// candle's switch that dequantizes quantized GGUF weights at load (candle-core
+/// `quantized/mod.rs`: set, non-empty and not "0").
+const DEQUANTIZE_ALL_ENV: &str = "CANDLE_DEQUANTIZE_ALL";
+
+/// Below this many parameters, `--weights auto` dequantizes a GGUF model on the CPU: SmolLM2
+/// 135M goes from ~26 to ~300 prefill tokens/s on 2 cores for +450 MiB (docs/results.md);
+/// at 1B the f32 weights take 4 GiB, which a user of a quantized file did not ask for.
+pub const SMALL_MODEL_PARAMETERS: u64 = 1_000_000_000;
+
+impl Weights {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::AsIs => "as-is",
+        }
+    }
+}
+
+/// A GGUF file's parameter count: the elements of every tensor, read from the header alone.
+pub fn gguf_parameters(path: &Path) -> Result<u64> {
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .with_context(|| format!("cannot read the GGUF header of {}", path.display()))?;
+    Ok(content
+        .tensor_infos
+        .values()
+        .map(|info| info.shape.elem_count() as u64)
+        .sum())
+}
+
 /// Everything needed to build an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -133,6 +166,8 @@ pub struct EngineOptions {
     pub dtype: Dtype,
     /// Run on the CPU even when an accelerator is available.
     pub cpu: bool,
+    /// How a GGUF model's quantized weights run (no effect on safetensors models).
+    pub weights: Weights,
     /// Most sequences scheduled at once.
     pub max_seqs: usize,
     /// Sequences kept for prefix-cache reuse; `None` turns the prefix cache off.
@@ -151,10 +186,36 @@ impl EngineOptions {
             // cache is then an exact f32 reference.
             dtype: Dtype::F32,
             cpu: true,
+            weights: Weights::Auto,
             max_seqs: 16,
             prefix_cache_n: None,
             seed: None,
         }
+    }
+
+    /// The same engine with another KV cache: how `bench` and `eval` build one engine per
+    /// configuration on the model, device, dtype and weights the user chose.
+    pub fn with_cache(&self, kv_cache: KvCacheChoice) -> Self {
+        Self {
+            kv_cache,
+            ..self.clone()
+        }
+    }
+
+    /// `weights` with `auto` decided: [`Weights::F32`] or [`Weights::AsIs`]. A safetensors
+    /// model is `as-is` (its weights are not quantized). Reads the GGUF header for `auto`.
+    pub fn effective_weights(&self) -> Result<Weights> {
+        Ok(match (&self.model, self.weights) {
+            (ModelSource::Safetensors(_), _) => Weights::AsIs,
+            (ModelSource::Gguf(path), Weights::Auto) => {
+                if self.cpu && gguf_parameters(path)? < SMALL_MODEL_PARAMETERS {
+                    Weights::F32
+                } else {
+                    Weights::AsIs
+                }
+            }
+            (_, chosen) => chosen,
+        })
     }
 }
 
@@ -231,8 +292,57 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         Some(n) => builder.with_prefix_cache_n(n),
         None => builder.with_prefix_cache_n(0),
     };
-    let built = builder.build().await;
+    let weights = options.effective_weights()?;
+    if let ModelSource::Gguf(path) = &options.model {
+        log_weights(path, weights);
+    }
+    let built = load_with_weights(builder, weights).await;
     // Leave the process-wide selection as it was found: stock.
     let _ = select_kv_cache_backend(None);
     built.with_context(|| format!("cannot load model {}", options.model.model_id()))
+}
+
+/// Load on a new thread with candle's dequantize switch set for `weights`. candle reads
+/// `CANDLE_DEQUANTIZE_ALL` once per thread, at the thread's first quantized weight, so a
+/// fresh thread is the only way for each engine of one process to get its own mode (the
+/// tests build both kinds). The switch is set under `LOAD_LOCK`, which every load holds.
+async fn load_with_weights(
+    builder: MistralRsForServerBuilder,
+    weights: Weights,
+) -> Result<Arc<MistralRs>> {
+    let value = if weights == Weights::F32 { "1" } else { "0" };
+    std::env::set_var(DEQUANTIZE_ALL_ENV, value);
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("model-load".to_string())
+        .spawn(move || {
+            let built = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the model-load runtime")
+                .and_then(|runtime| runtime.block_on(builder.build()));
+            let _ = sender.send(built);
+        })
+        .context("cannot start the model-load thread")?;
+    receiver
+        .await
+        .context("the model-load thread ended without a result")?
+}
+
+fn log_weights(path: &Path, weights: Weights) {
+    let parameters = gguf_parameters(path).unwrap_or(0);
+    let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    match weights {
+        Weights::F32 => tracing::info!(
+            "weights: {:.0}M parameters dequantized to f32 at load (+{} MiB over the file; \
+             --weights as-is keeps them quantized)",
+            parameters as f64 / 1e6,
+            (parameters * 4).saturating_sub(file_bytes) >> 20
+        ),
+        _ => tracing::info!(
+            "weights: {:.0}M parameters run as stored ({} MiB)",
+            parameters as f64 / 1e6,
+            file_bytes >> 20
+        ),
+    }
 }

@@ -12,7 +12,6 @@ use crate::generate::{
     finished_sequences, score_teacher_forced_with_progress, tokenize, usage_of_next_finished,
     ScoredStep, StepCallback,
 };
-use crate::model_source::ModelSource;
 
 /// What to score: `score` tokens after a `prefill`-token exact prefix, starting `start`
 /// tokens into the text.
@@ -82,7 +81,7 @@ pub fn compare(reference: &[ScoredStep], run: &[ScoredStep]) -> (f64, f64) {
 /// each phase starts; `scored`, if given, the number of tokens scored so far over all
 /// configurations (out of `configs x window.score`, the default included).
 pub async fn evaluate(
-    model: &ModelSource,
+    base: &EngineOptions,
     text_path: &Path,
     window: EvalWindow,
     configs: &[KvCacheChoice],
@@ -100,7 +99,7 @@ pub async fn evaluate(
     let mut rows = Vec::new();
     for (index, config) in configs.into_iter().enumerate() {
         progress(&format!("loading model with {}", config.label()));
-        let engine = build_engine(&EngineOptions::new(model.clone(), config.clone())).await?;
+        let engine = build_engine(&base.with_cache(config.clone())).await?;
         if tokens.is_empty() {
             tokens = tokenize(&engine, &text).await?;
             let needed = window.start + window.prefill + window.score;

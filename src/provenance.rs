@@ -7,14 +7,8 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Dtype, EngineOptions, KvCacheChoice};
+use crate::engine::{EngineOptions, Weights};
 use crate::kernels::cpu::SimdTier;
-use crate::model_source::ModelSource;
-
-/// The environment variables that make candle dequantize quantized GGUF weights at load, to
-/// f32 and to f16 (candle-core `quantized/mod.rs`: set, non-empty and not "0").
-pub const DEQUANTIZE_ALL_ENV: &str = "CANDLE_DEQUANTIZE_ALL";
-pub const DEQUANTIZE_ALL_F16_ENV: &str = "CANDLE_DEQUANTIZE_ALL_F16";
 
 /// The conditions of one `bench` or `eval` run. Every field defaults when absent, so JSON
 /// written before a field existed still reads.
@@ -38,14 +32,18 @@ pub struct RunInfo {
     pub threads: usize,
     /// Activation dtype of the engines measured.
     pub dtype: String,
-    /// How quantized GGUF weights run: `f32` (dequantized at load, `CANDLE_DEQUANTIZE_ALL`
-    /// set), `f16` (`CANDLE_DEQUANTIZE_ALL_F16`) or `as-is` (candle's quantized matmuls).
+    /// How quantized GGUF weights ran: `f32` (dequantized at load) or `as-is` (candle's
+    /// quantized matmuls); see [`Weights`].
     pub weights: String,
+    /// `cpu`, or `accelerator` (the CUDA or Metal device of the build).
+    pub device: String,
 }
 
 impl RunInfo {
-    /// Collect the conditions of a run of `model` with engines of activation dtype `dtype`.
-    pub fn collect(model: &ModelSource, dtype: Dtype) -> Self {
+    /// Collect the conditions of a run whose engines are built from `options` (one per KV
+    /// cache configuration, [`EngineOptions::with_cache`]).
+    pub fn collect(options: &EngineOptions) -> Self {
+        let model = &options.model;
         Self {
             commit: git_commit(Path::new(env!("CARGO_MANIFEST_DIR")))
                 .unwrap_or_else(|| "unknown".to_string()),
@@ -58,20 +56,13 @@ impl RunInfo {
                 .unwrap_or_else(|| "unknown".to_string()),
             simd_tier: format!("{:?}", SimdTier::detected()),
             threads: rayon::current_num_threads(),
-            dtype: dtype.name().to_string(),
-            weights: weights_mode(
-                std::env::var(DEQUANTIZE_ALL_ENV).ok().as_deref(),
-                std::env::var(DEQUANTIZE_ALL_F16_ENV).ok().as_deref(),
-            )
-            .to_string(),
+            dtype: options.dtype.name().to_string(),
+            weights: options
+                .effective_weights()
+                .map_or("unknown", Weights::name)
+                .to_string(),
+            device: if options.cpu { "cpu" } else { "accelerator" }.to_string(),
         }
-    }
-
-    /// The conditions of a `bench` or `eval` run of `model`: their engines are built by
-    /// [`EngineOptions::new`], so in its activation dtype.
-    pub fn of_measurement(model: &ModelSource) -> Self {
-        let dtype = EngineOptions::new(model.clone(), KvCacheChoice::Default).dtype;
-        Self::collect(model, dtype)
     }
 
     /// One line for reports: commit, CPU, tier, threads, dtype, weights.
@@ -84,31 +75,16 @@ impl RunInfo {
             }
         };
         format!(
-            "commit {}, {}, {} tier, {} threads, dtype {}, weights {}, model {}",
+            "commit {}, {}, {} tier, {} threads, device {}, dtype {}, weights {}, model {}",
             or_unknown(&self.commit),
             or_unknown(&self.cpu),
             or_unknown(&self.simd_tier),
             self.threads,
+            or_unknown(&self.device),
             or_unknown(&self.dtype),
             or_unknown(&self.weights),
             or_unknown(&self.model),
         )
-    }
-}
-
-/// How candle runs quantized weights, from the values of [`DEQUANTIZE_ALL_ENV`] and
-/// [`DEQUANTIZE_ALL_F16_ENV`], by candle's own rule (f32 wins over f16).
-pub fn weights_mode(
-    dequantize_all: Option<&str>,
-    dequantize_all_f16: Option<&str>,
-) -> &'static str {
-    let on = |v: Option<&str>| v.is_some_and(|s| !s.is_empty() && s != "0");
-    if on(dequantize_all) {
-        "f32"
-    } else if on(dequantize_all_f16) {
-        "f16"
-    } else {
-        "as-is"
     }
 }
 
@@ -151,6 +127,8 @@ fn git_commit(dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::KvCacheChoice;
+    use crate::model_source::ModelSource;
 
     #[test]
     fn cpu_model_is_the_first_model_name_line() {
@@ -164,18 +142,11 @@ mod tests {
     }
 
     #[test]
-    fn weights_mode_follows_candles_rule() {
-        assert_eq!(weights_mode(None, None), "as-is");
-        assert_eq!(weights_mode(Some("1"), None), "f32");
-        assert_eq!(weights_mode(Some("0"), None), "as-is");
-        assert_eq!(weights_mode(Some(""), Some("1")), "f16");
-        assert_eq!(weights_mode(Some("1"), Some("1")), "f32");
-    }
-
-    #[test]
     fn a_run_records_its_commit_cpu_tier_threads_dtype_and_weights() {
         let model = ModelSource::Gguf("/some/dir/My-Model.Q4_1.gguf".into());
-        let info = RunInfo::collect(&model, Dtype::F32);
+        let mut options = EngineOptions::new(model, KvCacheChoice::Default);
+        options.weights = Weights::AsIs;
+        let info = RunInfo::collect(&options);
         // This test runs inside the crate's git checkout (CI clones it), so HEAD is known.
         let head = Command::new("git")
             .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
@@ -192,10 +163,10 @@ mod tests {
         assert_eq!(info.simd_tier, format!("{:?}", SimdTier::detected()));
         assert!(info.threads >= 1);
         assert!(!info.cpu.is_empty());
-        assert!(
-            ["f32", "f16", "as-is"].contains(&info.weights.as_str()),
-            "{info:?}"
-        );
+        assert_eq!((info.weights.as_str(), info.device.as_str()), ("as-is", "cpu"));
+        // `auto` is decided from the file's header; a file that is not there is "unknown".
+        options.weights = Weights::Auto;
+        assert_eq!(RunInfo::collect(&options).weights, "unknown");
         // JSON without the record (or with only some fields) still reads.
         let old: RunInfo = serde_json::from_str(r#"{"commit":"abc"}"#).unwrap();
         assert_eq!(old.commit, "abc");

@@ -20,7 +20,6 @@ use crate::generate::{
     detokenize, finished_sequences, generate_greedy, special_token_ids, tokenize,
     usage_of_next_finished,
 };
-use crate::model_source::ModelSource;
 
 /// What to ask: `prompts` passages of `passage` tokens, each after every filler length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +132,7 @@ pub fn build_prompt(
 /// `progress` gets a message per phase, `done` the number of prompts answered so far over all
 /// configurations.
 pub async fn evaluate_copy(
-    model: &ModelSource,
+    base: &EngineOptions,
     text_path: &Path,
     settings: &CopySettings,
     configs: &[KvCacheChoice],
@@ -148,13 +147,13 @@ pub async fn evaluate_copy(
     let mut configs = configs.to_vec();
     configs.retain(|c| *c != KvCacheChoice::Default);
     configs.insert(0, KvCacheChoice::Default);
-    let suppressed = special_token_ids(model)?;
+    let suppressed = special_token_ids(&base.model)?;
     let mut answered = 0;
     let mut rows = Vec::new();
     let mut prompts: Vec<Vec<(CopyPrompt, String)>> = Vec::new();
     for config in configs {
         progress(&format!("loading model with {}", config.label()));
-        let engine = build_engine(&EngineOptions::new(model.clone(), config.clone())).await?;
+        let engine = build_engine(&base.with_cache(config.clone())).await?;
         if prompts.is_empty() {
             let tokens = tokenize(&engine, &text).await?;
             let separator = tokenize(&engine, "\n\n").await?;

@@ -5,8 +5,8 @@
 //! With the GGUF's Q4_1 weights, candle quantizes every matmul's activations to 8 bits first, so
 //! a 1e-6 change in an attention output can flip an activation code and move a log-probability
 //! by up to ~0.5 a few steps later (measured: scaling the engine's own attention output by
-//! 1 + 1e-6 did exactly that). These tests therefore run the weights as f32
-//! (`CANDLE_DEQUANTIZE_ALL`, read by candle when it loads them), in their own process.
+//! 1 + 1e-6 did exactly that). These tests therefore rely on the weights running as f32, which
+//! `Weights::Auto` gives this small model on the CPU.
 
 mod common;
 
@@ -21,7 +21,6 @@ use mistralrs_logquant::generate::{
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fused_decode_equals_the_default_cache_while_everything_is_full_precision() {
-    continuous_weights();
     let text = &passages()[2];
     let fused = LogQuantConfig {
         kernel: AttentionKernel::Fused,
@@ -64,7 +63,6 @@ async fn fused_decode_equals_the_default_cache_while_everything_is_full_precisio
 /// their decode-path perplexities over 256 scored tokens agree within 0.5%.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fused_and_portable_paths_agree_at_two_bits() {
-    continuous_weights();
     let default = engine(KvCacheChoice::Default).await;
     let all = shared_tokens(&default).await;
     drop(default);
@@ -129,7 +127,6 @@ const NEAR_TIE: f32 = 0.25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
-    continuous_weights();
     // Twelve fixed 150-token windows of the text, spread over Genesis.
     let default = engine(KvCacheChoice::Default).await;
     let all = shared_tokens(&default).await;
@@ -180,4 +177,66 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
             "{kernel:?}: only {full_agreement} of 12 windows agree for 32 tokens"
         );
     }
+}
+
+/// `--weights` applies per engine, in one process: a default-cache engine with the weights as
+/// stored (Q4_1, candle's quantized matmuls) scores a text differently from one with them
+/// dequantized to f32 (the `auto` default here), yet both are the same model (same greedy
+/// tokens almost everywhere, a small KL); and an `as-is` engine built after the f32 one scores
+/// exactly like the first, so candle's per-thread switch did not stick to the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_mode_is_per_engine_and_changes_only_the_matmuls() {
+    use mistralrs_logquant::engine::Weights;
+    let text = &passages()[1];
+    let mut runs = Vec::new();
+    for weights in [Weights::AsIs, Weights::Auto, Weights::AsIs] {
+        let engine = engine_with(KvCacheChoice::Default, |o| o.weights = weights).await;
+        let tokens = tokens(&engine, text).await;
+        let steps = score_teacher_forced(
+            &engine,
+            tokens[..24].to_vec(),
+            tokens[24..48].to_vec(),
+            true,
+        )
+        .await
+        .expect("scoring");
+        runs.push(steps);
+    }
+    let largest_difference = |a: &[mistralrs_logquant::generate::ScoredStep],
+                              b: &[mistralrs_logquant::generate::ScoredStep]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| {
+                let (p, q) = (
+                    x.distribution.as_ref().unwrap(),
+                    y.distribution.as_ref().unwrap(),
+                );
+                p.iter().zip(q).map(|(u, v)| (u - v).abs()).collect::<Vec<_>>()
+            })
+            .fold(0f32, f32::max)
+    };
+    assert_eq!(
+        largest_difference(&runs[0], &runs[2]),
+        0.0,
+        "as-is after f32 is not as-is"
+    );
+    let f32_vs_as_is = largest_difference(&runs[0], &runs[1]);
+    assert!(
+        f32_vs_as_is > 1e-3,
+        "f32 weights score exactly like Q4_1 ones ({f32_vs_as_is}): not dequantized"
+    );
+    let (mut kl, mut agree) = (0.0, 0);
+    for (a, b) in runs[0].iter().zip(&runs[1]) {
+        let (p, q) = (
+            a.distribution.as_ref().unwrap(),
+            b.distribution.as_ref().unwrap(),
+        );
+        kl += mistralrs_logquant::eval::kl_divergence(q, p);
+        agree += usize::from(a.argmax == b.argmax);
+    }
+    let kl = kl / runs[0].len() as f64;
+    assert!(
+        kl < 0.05 && agree >= 20,
+        "f32 and Q4_1 weights disagree: mean KL {kl}, top-1 agreement {agree}/24"
+    );
 }

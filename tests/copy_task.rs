@@ -4,7 +4,8 @@
 //! Oracle: the default cache copies a 100-token passage back after 300 tokens of unrelated text
 //! (measured 0.81 of the words, 2 of 3 verbatim), while LogQuant's `none` policy at 2 bits
 //! (every token quantized once a key group is full) gets almost nothing right (0.05). Weights run
-//! as f32 (`CANDLE_DEQUANTIZE_ALL`) for speed; both caches see the same prompts in one process.
+//! as f32 (`Weights::Auto` for this small model) for speed; both caches see the same prompts in
+//! one process.
 
 mod common;
 
@@ -15,7 +16,6 @@ use mistralrs_logquant::retrieval::{copy_table, evaluate_copy, CopySettings};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_cache_copies_what_an_all_quantized_cache_loses() {
-    continuous_weights();
     let text = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shared/data/kjv_genesis_exodus.txt"
@@ -32,7 +32,7 @@ async fn default_cache_copies_what_an_all_quantized_cache_loses() {
         ..LogQuantConfig::default()
     });
     let rows = evaluate_copy(
-        &model(),
+        &mistralrs_logquant::engine::EngineOptions::new(model(), KvCacheChoice::Default),
         text,
         &settings,
         &[KvCacheChoice::Default, broken],

