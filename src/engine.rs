@@ -147,8 +147,8 @@ impl Weights {
 
 /// A GGUF file's parameter count: the elements of every tensor, read from the header alone.
 pub fn gguf_parameters(path: &Path) -> Result<u64> {
-    let mut file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)
         .with_context(|| format!("cannot read the GGUF header of {}", path.display()))?;
     Ok(content
