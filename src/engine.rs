@@ -91,6 +91,16 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// f32 on the CPU (mistral.rs's CPU kernels are fastest there, and the default cache is an
+    /// exact f32 reference); on an accelerator, the model's own dtype (`auto`).
+    pub fn default_for(cpu: bool) -> Self {
+        if cpu {
+            Self::F32
+        } else {
+            Self::Auto
+        }
+    }
+
     /// The flag value: `auto`, `f32`, `f16` or `bf16`.
     pub fn name(self) -> &'static str {
         match self {
@@ -178,14 +188,15 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
+    /// `model` with `kv_cache` on the best device of the build (the CUDA or Metal device when
+    /// built with that feature, else the CPU), in that device's dtype.
     pub fn new(model: ModelSource, kv_cache: KvCacheChoice) -> Self {
+        let cpu = !cfg!(any(feature = "cuda", feature = "metal"));
         Self {
             model,
             kv_cache,
-            // On CPU, f32 activations: mistral.rs's CPU kernels are fastest there and the default
-            // cache is then an exact f32 reference.
-            dtype: Dtype::F32,
-            cpu: true,
+            dtype: Dtype::default_for(cpu),
+            cpu,
             weights: Weights::Auto,
             max_seqs: 16,
             prefix_cache_n: None,
@@ -292,6 +303,21 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         Some(n) => builder.with_prefix_cache_n(n),
         None => builder.with_prefix_cache_n(0),
     };
+    if !options.cpu {
+        // mistral.rs would turn paged attention on for CUDA; its block tables bypass the
+        // backend seam, so every engine here runs the seam's (or the stock) contiguous cache.
+        tracing::info!(
+            "paged attention is off: the KV cache is the {} cache",
+            options.kv_cache.name()
+        );
+        if matches!(&options.kv_cache, KvCacheChoice::LogQuant(c) if c.kernel == crate::config::AttentionKernel::Fused)
+        {
+            tracing::warn!(
+                "--kv-kernel fused has a CPU kernel only: on this device LogQuant attends through \
+                 the portable path (dequantize, then mistral.rs's attention)"
+            );
+        }
+    }
     let weights = options.effective_weights()?;
     if let ModelSource::Gguf(path) = &options.model {
         log_weights(path, weights);

