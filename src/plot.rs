@@ -1,8 +1,13 @@
-//! Line charts as standalone SVG: what `bench --plot` and `eval --plot` write. Small on
-//! purpose (axes, "nice" ticks, one polyline per series, a legend), so it needs no font or
-//! rendering library and the output is plain text that diffs and opens in any browser.
+//! Line charts as standalone SVG: what `bench --plot` and `eval --plot` write. Drawn with
+//! `plotters`' SVG backend only (no bitmap backend, no font files): text stays `<text>` elements
+//! that the browser sets, so the output is plain text that diffs and opens in any browser.
+//! Axes run between round ticks ([`nice_ticks`]) with short labels; one line per series, with a
+//! marker at each point when there are few (a one-point series is still visible); a legend under
+//! each panel.
 
-use std::fmt::Write;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// One line of a chart.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,16 +26,37 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const PANEL_W: f64 = 560.0;
-const PANEL_H: f64 = 380.0;
-const MARGIN_L: f64 = 78.0;
-const MARGIN_R: f64 = 18.0;
-const MARGIN_T: f64 = 34.0;
-const MARGIN_B: f64 = 50.0;
-const LEGEND_LINE: f64 = 16.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+/// Panel size in pixels: two panels side by side fit a laptop screen.
+const PANEL_W: u32 = 560;
+const PANEL_H: u32 = 380;
+/// Room left of the plot for the y tick labels and the rotated y-axis title.
+const MARGIN_L: u32 = 78;
+const MARGIN_R: u32 = 18;
+const MARGIN_T: u32 = 8;
+/// Room under the plot for the x tick labels and the x-axis title.
+const MARGIN_B: u32 = 50;
+/// One legend row per series, under the panel.
+const LEGEND_LINE: u32 = 16;
+/// Font sizes as plotters takes them: its SVG backend writes `font-size` as the whole part of
+/// the size / 1.24, so these are about 12 and 14 px.
+const FONT: f64 = 15.0;
+const TITLE_FONT: f64 = 17.0;
+/// Matplotlib's "tab10" order: distinct hues, the first two (blue, red) for the usual pair.
+const COLORS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
 ];
+/// Series this short get a marker on every point (bench's few contexts, a one-point series);
+/// longer ones (eval's per-bin curves) would drown in them.
+const MARKED_POINTS: usize = 16;
+const GRID: RGBColor = RGBColor(0xe6, 0xe6, 0xe6);
+const FRAME: RGBColor = RGBColor(0x44, 0x44, 0x44);
 
 /// About `target` round tick values (1, 2 or 5 times a power of ten) covering `lo..=hi`.
 pub fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
@@ -75,143 +101,103 @@ fn label(v: f64) -> String {
     }
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
 /// The charts side by side in one SVG document.
 pub fn svg(charts: &[Chart]) -> String {
-    let legend_rows = charts.iter().map(|c| c.series.len()).max().unwrap_or(0);
-    let width = PANEL_W * charts.len().max(1) as f64;
-    let height = PANEL_H + LEGEND_LINE * legend_rows as f64 + 10.0;
+    let legend_rows = charts.iter().map(|c| c.series.len()).max().unwrap_or(0) as u32;
+    let width = PANEL_W * charts.len().max(1) as u32;
+    let height = PANEL_H + LEGEND_LINE * legend_rows + 10;
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<rect width="{width}" height="{height}" fill="white"/>"#
-    );
-    for (i, chart) in charts.iter().enumerate() {
-        panel(&mut out, chart, PANEL_W * i as f64);
+    {
+        let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
+        // Drawing into a String cannot fail: the backend's only errors are its writer's, and
+        // the feature-less font's size estimate never fails.
+        root.fill(&WHITE).expect("drawing into a String");
+        let panels = root.split_evenly((1, charts.len().max(1)));
+        for (chart, area) in charts.iter().zip(&panels) {
+            panel(area, chart).expect("drawing into a String");
+        }
+        root.present().expect("drawing into a String");
     }
-    out.push_str("</svg>\n");
     out
 }
 
-fn panel(out: &mut String, chart: &Chart, left: f64) {
-    let points = || {
-        chart
-            .series
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    chart: &Chart,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let (plot, legend) = area.split_vertically(PANEL_H);
+    let finite = |s: &Series| {
+        s.points
             .iter()
-            .flat_map(|s| s.points.iter())
+            .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect::<Vec<_>>()
     };
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points() {
+    for (x, y) in chart.series.iter().flat_map(finite) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
-    let (px0, px1) = (left + MARGIN_L, left + PANEL_W - MARGIN_R);
-    let (py0, py1) = (PANEL_H - MARGIN_B, MARGIN_T);
-    let _ = writeln!(
-        out,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        (px0 + px1) / 2.0,
-        escape(&chart.title)
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        (px0 + px1) / 2.0,
-        PANEL_H - 12.0,
-        escape(&chart.x_label)
-    );
-    let _ = writeln!(
-        out,
-        r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        left + 16.0,
-        (py0 + py1) / 2.0,
-        escape(&chart.y_label)
-    );
-    if points().next().is_none() {
-        let _ = writeln!(
-            out,
-            r#"<text x="{}" y="{}" text-anchor="middle">no data</text>"#,
-            (px0 + px1) / 2.0,
-            (py0 + py1) / 2.0
-        );
-        return;
+    let empty = x0 > x1;
+    // Without data: a unit frame around "no data", under the same title and axis names.
+    let (xt, yt) = if empty {
+        (vec![0.0, 1.0], vec![0.0, 1.0])
+    } else {
+        (nice_ticks(x0, x1, 6), nice_ticks(y0.min(0.0), y1, 6))
+    };
+    let (xa, xb) = (xt[0], xt[xt.len() - 1]);
+    let (ya, yb) = (yt[0], yt[yt.len() - 1]);
+    let mut ctx = ChartBuilder::on(&plot)
+        .caption(&chart.title, ("sans-serif", TITLE_FONT))
+        .margin_top(MARGIN_T)
+        .margin_right(MARGIN_R)
+        .x_label_area_size(MARGIN_B)
+        .y_label_area_size(MARGIN_L)
+        .build_cartesian_2d(xa..xb, ya..yb)?;
+    // The ends are round ticks, so plotters' own round steps (at most this many) land on them.
+    let (x_labels, y_labels) = if empty { (0, 0) } else { (xt.len(), yt.len()) };
+    ctx.configure_mesh()
+        .x_labels(x_labels)
+        .y_labels(y_labels)
+        .max_light_lines(0)
+        .x_desc(&chart.x_label)
+        .y_desc(&chart.y_label)
+        .x_label_formatter(&|v| label(*v))
+        .y_label_formatter(&|v| label(*v))
+        .label_style(("sans-serif", FONT))
+        .axis_desc_style(("sans-serif", FONT))
+        .bold_line_style(GRID)
+        .axis_style(FRAME)
+        .draw()?;
+    if empty {
+        let centre = ((xa + xb) / 2.0, (ya + yb) / 2.0);
+        let text = Text::new("no data", centre, text_style(HPos::Center));
+        ctx.plotting_area().draw(&text)?;
     }
-    let xt = nice_ticks(x0, x1, 6);
-    let yt = nice_ticks(y0.min(0.0), y1, 6);
-    let (xa, xb) = (xt[0], *xt.last().unwrap_or(&x1));
-    let (ya, yb) = (yt[0], *yt.last().unwrap_or(&y1));
-    let sx = |x: f64| px0 + (x - xa) / (xb - xa).max(f64::MIN_POSITIVE) * (px1 - px0);
-    let sy = |y: f64| py0 + (y - ya) / (yb - ya).max(f64::MIN_POSITIVE) * (py1 - py0);
-    for &t in &xt {
-        let x = sx(t);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{x:.1}" y1="{py0}" x2="{x:.1}" y2="{py1}" stroke="#e6e6e6"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
-            py0 + 16.0,
-            label(t)
-        );
-    }
-    for &t in &yt {
-        let y = sy(t);
-        let _ = writeln!(
-            out,
-            r##"<line x1="{px0}" y1="{y:.1}" x2="{px1}" y2="{y:.1}" stroke="#e6e6e6"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            px0 - 6.0,
-            y + 4.0,
-            label(t)
-        );
-    }
-    let _ = writeln!(
-        out,
-        r##"<rect x="{px0}" y="{py1}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
-        px1 - px0,
-        py0 - py1
-    );
     for (i, series) in chart.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let coords: Vec<String> = series
-            .points
-            .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        if coords.len() == 1 {
-            let _ = writeln!(
-                out,
-                r#"<circle cx="{}" cy="{}" r="3" fill="{color}"/>"#,
-                coords[0].split(',').next().unwrap_or("0"),
-                coords[0].split(',').nth(1).unwrap_or("0")
-            );
-        } else if !coords.is_empty() {
-            let _ = writeln!(
-                out,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-                coords.join(" ")
-            );
+        let points = finite(series);
+        if !points.is_empty() {
+            let marker = if points.len() <= MARKED_POINTS { 3 } else { 0 };
+            ctx.draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(marker))?;
         }
-        let ly = PANEL_H + LEGEND_LINE * i as f64;
-        let _ = writeln!(
-            out,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            px0,
-            px0 + 24.0,
-            px0 + 30.0,
-            ly + 4.0,
-            escape(&series.label)
-        );
+        let y = (LEGEND_LINE * i as u32 + 8) as i32;
+        let x = MARGIN_L as i32;
+        legend.draw(&Rectangle::new(
+            [(x, y - 1), (x + 24, y + 2)],
+            color.filled(),
+        ))?;
+        let text = Text::new(series.label.as_str(), (x + 30, y), text_style(HPos::Left));
+        legend.draw(&text)?;
     }
+    Ok(())
+}
+
+/// Body text, vertically centred on its anchor.
+fn text_style(h: HPos) -> TextStyle<'static> {
+    TextStyle::from(("sans-serif", FONT).into_font()).pos(Pos::new(h, VPos::Center))
 }
 
 #[cfg(test)]
@@ -253,21 +239,61 @@ mod tests {
             ],
         };
         let doc = svg(&[chart.clone(), chart]);
-        assert_eq!(doc.matches("<polyline").count(), 4);
-        assert!(doc.contains("t &lt;1&gt;"));
-        // Every plotted coordinate lies inside its panel.
-        for line in doc.lines().filter(|l| l.starts_with("<polyline")) {
-            let pts = line
-                .split("points=\"")
-                .nth(1)
-                .unwrap()
-                .trim_end_matches("\"/>");
-            for p in pts.split(' ') {
+        let lines = series_polylines(&doc);
+        assert_eq!(lines.len(), 4, "{doc}");
+        assert!(doc.contains("t &lt;1&gt;"), "the title, escaped");
+        for label in ["a", "b"] {
+            assert_eq!(doc.matches(&text(label)).count(), 2, "legend {label}");
+        }
+        // Every plotted coordinate lies inside its panel's plot area (series come panel by
+        // panel), and the NaN point is skipped: 2 + 2 points per panel.
+        let mut points = 0;
+        for (i, polyline) in lines.iter().enumerate() {
+            let left = (i / 2) as f64 * PANEL_W as f64;
+            let pts = polyline.split("points=\"").nth(1).unwrap();
+            for p in pts[..pts.find('"').unwrap()].split_whitespace() {
                 let (x, y) = p.split_once(',').unwrap();
                 let (x, y): (f64, f64) = (x.parse().unwrap(), y.parse().unwrap());
-                assert!((0.0..=2.0 * PANEL_W).contains(&x), "{x}");
-                assert!((MARGIN_T..=PANEL_H - MARGIN_B).contains(&y), "{y}");
+                let xs = left + MARGIN_L as f64..=left + (PANEL_W - MARGIN_R) as f64;
+                assert!(xs.contains(&x), "polyline {i}: x {x} outside {xs:?}");
+                let ys = MARGIN_T as f64..=(PANEL_H - MARGIN_B) as f64;
+                assert!(ys.contains(&y), "polyline {i}: y {y} outside {ys:?}");
+                points += 1;
             }
+        }
+        assert_eq!(points, 2 * (2 + 2));
+    }
+
+    /// The `<polyline>` elements drawn in a series colour (the axes and ticks are polylines too).
+    fn series_polylines(doc: &str) -> Vec<&str> {
+        let colors: Vec<String> = COLORS
+            .iter()
+            .map(|c| format!("stroke=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2))
+            .collect();
+        doc.lines()
+            .filter(|l| l.starts_with("<polyline") && colors.iter().any(|c| l.contains(c)))
+            .collect()
+    }
+
+    /// A `<text>` element's body as the SVG backend writes it (on its own line).
+    fn text(s: &str) -> String {
+        format!(">\n{s}\n</text>")
+    }
+
+    #[test]
+    fn a_one_point_series_gets_a_marker_and_axis_labels_are_short() {
+        let doc = svg(&[Chart {
+            title: "bytes".into(),
+            x_label: "context".into(),
+            y_label: "KV bytes".into(),
+            series: vec![Series {
+                label: "single".into(),
+                points: vec![(4096.0, 188_743_680.0)],
+            }],
+        }]);
+        assert_eq!(doc.matches("<circle").count(), 1, "{doc}");
+        for t in ["bytes", "context", "KV bytes", "single", "0", "200M"] {
+            assert!(doc.contains(&text(t)), "no text {t:?} in {doc}");
         }
     }
 
@@ -292,6 +318,7 @@ mod tests {
                 points: vec![],
             }],
         }]);
-        assert!(doc.contains("no data"));
+        assert!(doc.contains(&text("no data")), "{doc}");
+        assert!(series_polylines(&doc).is_empty());
     }
 }

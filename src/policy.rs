@@ -139,6 +139,8 @@ fn log_compress(list: &mut Vec<(usize, usize)>, w: usize, evicted: &mut Vec<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// Positions that left at the admission, given the list before it.
     fn admit_positions(sel: &mut Selection, n: usize) -> Vec<usize> {
@@ -235,17 +237,6 @@ mod tests {
         assert_eq!(s.positions(), &[5]);
     }
 
-    /// A small deterministic generator (xorshift) for property tests without extra crates.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
-    }
-
     /// The spec's eager prefill rule, written independently: A = [0..L), then
     /// `A = A[0:2W:2] + A[2W:]` while len(A) >= 3W.
     fn eager_prefill(l: usize, w: usize) -> Vec<usize> {
@@ -260,11 +251,11 @@ mod tests {
 
     #[test]
     fn logquant_properties_over_random_windows_and_lengths() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = ChaCha8Rng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
         for _ in 0..300 {
-            let w = 1 + rng.below(50);
-            let prefill = 1 + rng.below(8 * w);
-            let steps = rng.below(10 * w);
+            let w = rng.random_range(1..=50);
+            let prefill = rng.random_range(1..=8 * w);
+            let steps = rng.random_range(0..10 * w);
             let mut s = logquant(w);
             let evicted = s.admit(prefill);
             assert_eq!(

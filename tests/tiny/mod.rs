@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use rand::{Rng as _, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use serde_json::{json, Value};
 
 pub const VOCAB: usize = 256;
@@ -43,36 +46,23 @@ pub enum Arch {
     DeepseekV2,
 }
 
-/// splitmix64 + Box-Muller: a fixed seed gives the same weights on every platform (candle's CPU
-/// `randn` has no seed).
-pub struct Rng(u64);
+/// Seeded, platform-independent random weights and prompts (ChaCha8: the same stream for a seed
+/// on every platform and rand_chacha version; candle's CPU `randn` has no seed).
+pub struct Rng(ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        Self(ChaCha8Rng::seed_from_u64(seed))
     }
 
     pub fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        self.0.sample(StandardNormal)
     }
 
     /// `n` plain-word token ids (never a special token).
     pub fn words(&mut self, n: usize) -> Vec<u32> {
         (0..n)
-            .map(|_| FIRST_WORD + (self.next_u64() % (VOCAB as u64 - FIRST_WORD as u64)) as u32)
+            .map(|_| self.0.random_range(FIRST_WORD..VOCAB as u32))
             .collect()
     }
 }
