@@ -124,8 +124,9 @@ impl Dtype {
 /// How a GGUF model's quantized weights run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Weights {
-    /// `f32` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU,
-    /// `as-is` otherwise.
+    /// `f32` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU
+    /// whose architecture mistral.rs loads that way ([`F32_WEIGHTS_ARCHITECTURES`]), `as-is`
+    /// otherwise.
     Auto,
     /// Dequantized to f32 once at load (candle's `CANDLE_DEQUANTIZE_ALL`): matmuls then run
     /// on candle's SIMD f32 GEMM. Costs 4 bytes per parameter of memory.
@@ -155,17 +156,47 @@ impl Weights {
     }
 }
 
-/// A GGUF file's parameter count: the elements of every tensor, read from the header alone.
-pub fn gguf_parameters(path: &Path) -> Result<u64> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-        .with_context(|| format!("cannot read the GGUF header of {}", path.display()))?;
-    Ok(content
-        .tensor_infos
-        .values()
-        .map(|info| info.shape.elem_count() as u64)
-        .sum())
+/// GGUF architectures whose mistral.rs 0.8.1 loader accepts dequantized weights. The phi2,
+/// phi3 and starcoder2 loaders take their MLP matrices apart as quantized tensors and reach an
+/// `unreachable!()` on f32 ones (quantized_phi2.rs line 267 and the like).
+pub const F32_WEIGHTS_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "qwen3moe"];
+
+/// What `--weights` needs of a GGUF file, read from its header alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufSummary {
+    /// `general.architecture`.
+    pub architecture: String,
+    /// Elements of every tensor.
+    pub parameters: u64,
+}
+
+impl GgufSummary {
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .with_context(|| format!("cannot read the GGUF header of {}", path.display()))?;
+        let architecture = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let parameters = content
+            .tensor_infos
+            .values()
+            .map(|info| info.shape.elem_count() as u64)
+            .sum();
+        Ok(Self {
+            architecture,
+            parameters,
+        })
+    }
+
+    /// Whether mistral.rs loads this architecture with f32 weights.
+    pub fn accepts_f32_weights(&self) -> bool {
+        F32_WEIGHTS_ARCHITECTURES.contains(&self.architecture.as_str())
+    }
 }
 
 /// Everything needed to build an engine.
@@ -214,18 +245,31 @@ impl EngineOptions {
     }
 
     /// `weights` with `auto` decided: [`Weights::F32`] or [`Weights::AsIs`]. A safetensors
-    /// model is `as-is` (its weights are not quantized). Reads the GGUF header for `auto`.
+    /// model is `as-is` (its weights are not quantized). `auto` is f32 for a GGUF model under
+    /// [`SMALL_MODEL_PARAMETERS`] on the CPU whose architecture accepts it
+    /// ([`F32_WEIGHTS_ARCHITECTURES`]); an explicit `f32` for another architecture is an error.
     pub fn effective_weights(&self) -> Result<Weights> {
-        Ok(match (&self.model, self.weights) {
-            (ModelSource::Safetensors(_), _) => Weights::AsIs,
-            (ModelSource::Gguf(path), Weights::Auto) => {
-                if self.cpu && gguf_parameters(path)? < SMALL_MODEL_PARAMETERS {
-                    Weights::F32
-                } else {
-                    Weights::AsIs
-                }
+        let ModelSource::Gguf(path) = &self.model else {
+            return Ok(Weights::AsIs);
+        };
+        if self.weights == Weights::AsIs {
+            return Ok(Weights::AsIs);
+        }
+        let gguf = GgufSummary::read(path)?;
+        Ok(match self.weights {
+            Weights::F32 if !gguf.accepts_f32_weights() => bail!(
+                "--weights f32: mistral.rs 0.8.1 loads {} GGUF models with quantized weights only \
+                 (use --weights as-is)",
+                gguf.architecture
+            ),
+            Weights::Auto
+                if !(self.cpu
+                    && gguf.parameters < SMALL_MODEL_PARAMETERS
+                    && gguf.accepts_f32_weights()) =>
+            {
+                Weights::AsIs
             }
-            (_, chosen) => chosen,
+            _ => Weights::F32,
         })
     }
 }
@@ -275,6 +319,7 @@ fn model_selected(source: &ModelSource, dtype: ModelDType) -> Result<ModelSelect
 /// Load the model and start an engine with the chosen KV cache.
 pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     register_backends();
+    let weights = options.effective_weights()?;
     let _guard = LOAD_LOCK.lock().await;
     let backend = match &options.kv_cache {
         KvCacheChoice::Default => None,
@@ -318,7 +363,6 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
             );
         }
     }
-    let weights = options.effective_weights()?;
     if let ModelSource::Gguf(path) = &options.model {
         log_weights(path, weights);
     }
@@ -356,7 +400,7 @@ async fn load_with_weights(
 }
 
 fn log_weights(path: &Path, weights: Weights) {
-    let parameters = gguf_parameters(path).unwrap_or(0);
+    let parameters = GgufSummary::read(path).map_or(0, |g| g.parameters);
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     match weights {
         Weights::F32 => tracing::info!(

@@ -404,3 +404,29 @@ async fn deepseek2_mla_with_logquant_is_a_clear_error() {
         "the error should name the head sizes: {message}"
     );
 }
+
+/// `--weights`: the GGUF loaders of phi2, phi3 and starcoder2 in mistral.rs 0.8.1 take their
+/// MLP matrices apart as quantized tensors (an `unreachable!()` on f32 ones), so `auto` keeps
+/// them quantized and an explicit `f32` is refused with one line before anything loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f32_weights_are_refused_where_the_gguf_loader_cannot_take_them() {
+    use mistralrs_logquant::engine::Weights;
+    let _serial = SERIAL.lock().await;
+    for arch in [Arch::Phi2, Arch::Phi3, Arch::Starcoder2] {
+        let model = TinyModel::write(arch, Form::Gguf);
+        let mut options = EngineOptions::new(model.source.clone(), KvCacheChoice::Default);
+        assert_eq!(options.effective_weights().unwrap(), Weights::AsIs, "{arch:?}");
+        options.weights = Weights::F32;
+        let message = match build_engine(&options).await {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => panic!("{arch:?}: f32 weights loaded"),
+        };
+        assert!(
+            message.contains("--weights as-is") && message.lines().count() == 1,
+            "{arch:?}: {message}"
+        );
+    }
+    let llama = TinyModel::write(Arch::Llama, Form::Gguf);
+    let options = EngineOptions::new(llama.source.clone(), KvCacheChoice::Default);
+    assert_eq!(options.effective_weights().unwrap(), Weights::F32);
+}
