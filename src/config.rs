@@ -4,8 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::policy::PolicyKind;
+
 /// How keys are grouped for quantization. Values are always grouped per token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyGrouping {
     /// One scale/min per channel over `group_size` consecutive evicted tokens (KIVI-style).
@@ -15,69 +17,15 @@ pub enum KeyGrouping {
     PerToken,
 }
 
-/// Which tokens stay in full precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    /// LogQuant's log-distributed selection (Algorithm 1), at most 3W tokens.
-    Logquant,
-    /// The newest `recent` tokens (KIVI / HF QuantizedCache baseline).
-    Recent,
-    /// The first `sink` tokens plus the newest `recent` tokens (StreamingLLM-style).
-    SinkRecent,
-    /// Every token quantized once prefill is done.
-    None,
-}
-
-impl PolicyKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Logquant => "logquant",
-            Self::Recent => "recent",
-            Self::SinkRecent => "sink-recent",
-            Self::None => "none",
-        }
-    }
-}
-
-impl std::str::FromStr for PolicyKind {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        Ok(match s {
-            "logquant" => Self::Logquant,
-            "recent" => Self::Recent,
-            "sink-recent" => Self::SinkRecent,
-            "none" => Self::None,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    field: "policy",
-                    value: s.to_string(),
-                    allowed: "logquant, recent, sink-recent, none",
-                })
-            }
-        })
-    }
-}
-
 impl std::str::FromStr for KeyGrouping {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        Ok(match s {
-            "per-channel" => Self::PerChannel,
-            "per-token" => Self::PerToken,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    field: "key-grouping",
-                    value: s.to_string(),
-                    allowed: "per-channel, per-token",
-                })
-            }
-        })
+        parse_named("key-grouping", s)
     }
 }
 
 /// How decode attention reads the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionKernel {
     /// On the CPU, attend over the packed codes directly (no dequantized copy).
@@ -89,18 +37,27 @@ pub enum AttentionKernel {
 impl std::str::FromStr for AttentionKernel {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        Ok(match s {
-            "fused" => Self::Fused,
-            "portable" => Self::Portable,
-            _ => {
-                return Err(ConfigError::Invalid {
-                    field: "kernel",
-                    value: s.to_string(),
-                    allowed: "fused, portable",
-                })
-            }
-        })
+        parse_named("kernel", s)
     }
+}
+
+/// The names of a configuration enum, as flags and TOML spell them: `a, b, c`.
+pub fn allowed_names<T: clap::ValueEnum>() -> String {
+    T::value_variants()
+        .iter()
+        .filter_map(|v| v.to_possible_value())
+        .map(|v| v.get_name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parse a configuration enum by name; the error names `field` and the allowed names.
+pub fn parse_named<T: clap::ValueEnum>(field: &'static str, s: &str) -> Result<T, ConfigError> {
+    T::from_str(s, false).map_err(|_| ConfigError::Invalid {
+        field,
+        value: s.to_string(),
+        allowed: allowed_names::<T>(),
+    })
 }
 
 /// A configuration value that cannot be used.
@@ -110,7 +67,7 @@ pub enum ConfigError {
     Invalid {
         field: &'static str,
         value: String,
-        allowed: &'static str,
+        allowed: String,
     },
     #[error("group size {group_size} does not divide head_dim {head_dim}")]
     GroupSizeVsHeadDim { group_size: usize, head_dim: usize },
@@ -178,10 +135,10 @@ impl Default for LogQuantConfig {
 impl LogQuantConfig {
     /// Check every field; the error names the first bad one.
     pub fn validate(self) -> Result<Self, ConfigError> {
-        let invalid = |field, value: String, allowed| ConfigError::Invalid {
+        let invalid = |field, value: String, allowed: &str| ConfigError::Invalid {
             field,
             value,
-            allowed,
+            allowed: allowed.to_string(),
         };
         for (field, bits) in [
             ("bits", Some(self.bits)),
@@ -192,9 +149,7 @@ impl LogQuantConfig {
                 return Err(invalid(field, bits.to_string(), "2, 3, 4, 8"));
             }
         }
-        if self.policy == PolicyKind::Logquant && self.window == 0 {
-            return Err(invalid("window", "0".into(), "an integer >= 1"));
-        }
+        self.policy.validate(&self)?;
         if self.group_size == 0 || !self.group_size.is_multiple_of(4) {
             return Err(invalid(
                 "group-size",
@@ -211,12 +166,6 @@ impl LogQuantConfig {
                 g.to_string(),
                 "a positive multiple of 4 (tokens per channel group, or channels dividing head_dim)",
             ));
-        }
-        if matches!(self.policy, PolicyKind::Recent | PolicyKind::SinkRecent) && self.recent == 0 {
-            return Err(invalid("recent", "0".into(), "an integer >= 1"));
-        }
-        if self.policy == PolicyKind::SinkRecent && self.sink == 0 {
-            return Err(invalid("sink", "0".into(), "an integer >= 1"));
         }
         Ok(self)
     }
@@ -269,22 +218,12 @@ impl LogQuantConfig {
 
     /// The full-precision token budget of the policy (excluding key-group staging).
     pub fn full_precision_budget(&self) -> usize {
-        match self.policy {
-            PolicyKind::Logquant => 3 * self.window,
-            PolicyKind::Recent => self.recent,
-            PolicyKind::SinkRecent => self.sink + self.recent,
-            PolicyKind::None => 1,
-        }
+        self.policy.full_precision_budget(self)
     }
 
     /// One line for logs and `/v1/kv-cache`.
     pub fn describe(&self) -> String {
-        let policy = match self.policy {
-            PolicyKind::Logquant => format!("logquant W={}", self.window),
-            PolicyKind::Recent => format!("recent R={}", self.recent),
-            PolicyKind::SinkRecent => format!("sink-recent S={} R={}", self.sink, self.recent),
-            PolicyKind::None => "none".to_string(),
-        };
+        let policy = self.policy.describe(self);
         let keys = match self.key_grouping {
             KeyGrouping::PerChannel => "per-channel",
             KeyGrouping::PerToken => "per-token",

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
+use crate::config::{allowed_names, AttentionKernel, PolicyKind};
 use crate::engine::KvCacheChoice;
 use crate::eval::{charts, evaluate, segment_table, table, EvalWindow};
 use crate::plot::svg;
@@ -35,8 +36,9 @@ pub struct EvalArgs {
     /// What to measure: ppl (perplexity, KL, top-1 vs default) or copy (retrieval).
     #[arg(long, value_enum, default_value_t = Task::Ppl)]
     pub task: Task,
-    /// Cache configurations, comma-separated: default, logquant, logquant-portable, recent,
-    /// sink-recent, none, passthrough, each optionally followed by `:`-separated options:
+    /// Cache configurations, comma-separated: default, passthrough, logquant-portable, or a
+    /// --kv-policy value (a LogQuant cache with that policy), each optionally followed by
+    /// `:`-separated options:
     /// `BITS` (both widths), `kKvV` (key and value bits, e.g. k4v2), `gN` (group size), `kgN`
     /// (key group size), `wN` (window), `rN` (recent), `rot` (Hadamard rotation), e.g.
     /// `logquant:k3v2:kg128`. The default cache is always measured first, as the reference.
@@ -113,24 +115,25 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
         let options: Vec<&str> = parts.collect();
         let mut args = cache.clone();
         args.kv_cache = Some(name.to_string());
-        match name {
-            "logquant-portable" => {
+        // A policy's name is a LogQuant cache with that policy (`logquant` keeps a --kv-policy
+        // given beside it).
+        let policy = name.parse::<PolicyKind>().ok();
+        match (name, policy) {
+            ("logquant-portable", _) => {
                 args.kv_cache = Some("logquant".into());
-                args.kv_kernel = Some("portable".into());
+                args.kv_kernel = Some(AttentionKernel::Portable);
             }
-            "logquant" | "recent" | "sink-recent" | "none" => {
+            (_, Some(policy)) => {
                 args.kv_cache = Some("logquant".into());
-                if name != "logquant" {
-                    args.kv_policy = Some(name.to_string());
-                } else if args.kv_policy.is_none() {
-                    args.kv_policy = Some("logquant".into());
+                if policy != PolicyKind::Logquant || args.kv_policy.is_none() {
+                    args.kv_policy = Some(policy);
                 }
             }
-            "default" | "passthrough" => {}
-            other => bail!(
-                "invalid value `{other}` for --configs (allowed: default, logquant, \
-                 logquant-portable, recent, sink-recent, none, passthrough, optionally with \
-                 :OPTIONS)"
+            ("default" | "passthrough", None) => {}
+            (other, None) => bail!(
+                "invalid value `{other}` for --configs (allowed: default, passthrough, \
+                 logquant-portable, {}, optionally with :OPTIONS)",
+                allowed_names::<PolicyKind>()
             ),
         }
         for option in options {

@@ -93,22 +93,21 @@ pub struct CacheArgs {
     /// per-token keys. [default: --kv-group-size]
     #[arg(long)]
     pub kv_key_group_size: Option<usize>,
-    /// Key grouping: per-channel or per-token. [default: per-channel]
-    #[arg(long)]
-    pub kv_key_grouping: Option<String>,
-    /// Full-precision policy: logquant, recent, sink-recent, none. [default: logquant]
-    #[arg(long)]
-    pub kv_policy: Option<String>,
+    /// Key grouping. [default: per-channel]
+    #[arg(long, value_enum)]
+    pub kv_key_grouping: Option<KeyGrouping>,
+    /// Which tokens stay in full precision. [default: logquant]
+    #[arg(long, value_enum)]
+    pub kv_policy: Option<PolicyKind>,
     /// Newest tokens kept by the recent and sink-recent policies. [default: 126]
     #[arg(long)]
     pub kv_recent: Option<usize>,
     /// First tokens kept by the sink-recent policy. [default: 4]
     #[arg(long)]
     pub kv_sink: Option<usize>,
-    /// Decode attention: fused (reads the 2-bit codes directly, CPU) or portable
-    /// (dequantize, then mistral.rs's attention). [default: fused]
-    #[arg(long)]
-    pub kv_kernel: Option<String>,
+    /// Decode attention. [default: fused]
+    #[arg(long, value_enum)]
+    pub kv_kernel: Option<AttentionKernel>,
     /// Rotate keys and values by a normalized Hadamard transform over head_dim before
     /// quantizing (`--kv-rotate` or `--kv-rotate true|false`). [default: false]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -128,13 +127,19 @@ struct ConfigFile {
 }
 
 /// A clap error as the one line it leads with (help and version are printed whole).
+/// An enum flag's allowed values (clap's `[possible values: ...]` line) stay on that line.
 pub fn clap_error_line(e: &clap::Error) -> String {
     let text = e.to_string();
-    text.lines()
+    let mut lines = text.lines().map(str::trim);
+    let first = lines
         .next()
         .unwrap_or_default()
         .trim_start_matches("error: ")
-        .to_string()
+        .to_string();
+    match lines.find(|l| l.starts_with("[possible values:")) {
+        Some(values) => format!("{first} {values}"),
+        None => first,
+    }
 }
 
 /// A configuration error worded with the flag that sets the field.
@@ -184,11 +189,11 @@ impl CacheArgs {
         if let Some(v) = self.kv_group_size {
             config.group_size = v;
         }
-        if let Some(v) = &self.kv_key_grouping {
-            config.key_grouping = v.parse::<KeyGrouping>().map_err(flag_error)?;
+        if let Some(v) = self.kv_key_grouping {
+            config.key_grouping = v;
         }
-        if let Some(v) = &self.kv_policy {
-            config.policy = v.parse::<PolicyKind>().map_err(flag_error)?;
+        if let Some(v) = self.kv_policy {
+            config.policy = v;
         }
         if let Some(v) = self.kv_recent {
             config.recent = v;
@@ -196,8 +201,8 @@ impl CacheArgs {
         if let Some(v) = self.kv_sink {
             config.sink = v;
         }
-        if let Some(v) = &self.kv_kernel {
-            config.kernel = v.parse::<AttentionKernel>().map_err(flag_error)?;
+        if let Some(v) = self.kv_kernel {
+            config.kernel = v;
         }
         let choice: KvCacheChoice = name.parse()?;
         // LogQuant's values are checked whichever cache runs: a bad value is an error even
