@@ -334,7 +334,7 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     // mistral.rs names a local model by its path; the alias makes the model's name (file or
     // directory name) its id in `/v1/models`, in requests and in the engine's logs. The path
     // stays accepted as a second alias. (Responses carry the pipeline's name, the path: the
-    // server renames them, see `cli::openai::shape_response`.)
+    // server renames them: the binary's `cli/openai.rs`.)
     let name = options.model.model_id();
     let selected = model_selected(&options.model, options.dtype.to_model_dtype())?;
     let mut builder = MistralRsForServerBuilder::new()

@@ -9,8 +9,16 @@
 //! - [`backend`]: the LogQuant cache (`logquant`): a log-distributed set of at most 3W tokens
 //!   in full precision ([`policy`]), every other token in 2, 3, 4 or 8 bits, keys and values
 //!   at their own widths ([`quant`], [`store`]), configured by [`config::LogQuantConfig`].
-//! - [`eval`] and [`retrieval`]: quality through the decode path (perplexity, copy task).
+//! - [`kernels`]: attention over the packed cache (the fused CPU kernel and its reference).
+//! - [`engine`]: a mistral.rs engine with a chosen cache, device, dtype and weights mode;
+//!   [`generate`]: greedy and teacher-forced requests against it.
+//! - [`eval`], [`retrieval`] and [`bench`]: measurements through the real decode path
+//!   (perplexity and KL against the default cache, the copy task, decode speed and KV bytes),
+//!   returning rows; [`provenance`] records what a measurement ran on.
 //! - [`passthrough`]: an exact full-precision backend, the reference for the plumbing.
+//!
+//! The `mistralrs-logquant` binary (`src/main.rs`, `src/cli/`, `src/plot.rs`) holds the
+//! commands, the OpenAI server, the tables and the charts; none of it is library API.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -26,7 +34,6 @@
 
 pub mod backend;
 pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod eval;
@@ -34,7 +41,6 @@ pub mod generate;
 pub mod kernels;
 pub mod model_source;
 pub mod passthrough;
-pub mod plot;
 pub mod policy;
 pub mod provenance;
 pub mod quant;

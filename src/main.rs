@@ -1,7 +1,10 @@
 //! `mistralrs-logquant`: mistral.rs with a LogQuant KV cache.
 
+mod cli;
+mod plot;
+
 use clap::Parser;
-use mistralrs_logquant::cli::{self, Cli, Command};
+use cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() {

@@ -202,60 +202,6 @@ pub async fn evaluate_copy(
     Ok(rows)
 }
 
-/// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
-/// default cache's (the first row).
-pub fn copy_table(rows: &[CopyRow]) -> String {
-    let Some(first) = rows.first() else {
-        return String::new();
-    };
-    let mut out = String::from("| config |");
-    for c in &first.cells {
-        out.push_str(&format!(" copy, {} filler | vs default |", c.filler));
-    }
-    out.push_str(" KV bytes (last prompt) | vs default |\n|---|");
-    out.push_str(&"---|---|".repeat(first.cells.len()));
-    out.push_str("---|---|\n");
-    for r in rows {
-        out.push_str(&format!("| {} |", r.config));
-        for (c, d) in r.cells.iter().zip(&first.cells) {
-            let ratio = if d.mean > 0.0 {
-                format!("{:.2}", c.mean / d.mean)
-            } else {
-                "-".into()
-            };
-            out.push_str(&format!(
-                " {:.3} ({}/{} verbatim) | {ratio} |",
-                c.mean,
-                c.verbatim,
-                c.scores.len()
-            ));
-        }
-        out.push_str(&format!(
-            " {} | {:.2}x smaller |\n",
-            r.cache_bytes,
-            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
-        ));
-    }
-    out
-}
-
-/// Mean copy score against filler length, one line per configuration.
-pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
-    use crate::plot::{Chart, Series};
-    vec![Chart {
-        title: "Copy score after a filler".into(),
-        x_label: "filler (tokens between the passage and its repetition)".into(),
-        y_label: "fraction of words copied before the first error".into(),
-        series: rows
-            .iter()
-            .map(|r| Series {
-                label: r.config.clone(),
-                points: r.cells.iter().map(|c| (c.filler as f64, c.mean)).collect(),
-            })
-            .collect(),
-    }]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

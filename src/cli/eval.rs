@@ -1,5 +1,5 @@
 //! `eval`: teacher-forced perplexity, KL and top-1 agreement through the decode path
-//! (`--task ppl`), or long-range retrieval (`--task copy`, see [`crate::retrieval`]).
+//! (`--task ppl`), or long-range retrieval (`--task copy`, see [`mistralrs_logquant::retrieval`]).
 
 use std::path::PathBuf;
 
@@ -7,11 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
-use crate::config::{allowed_names, AttentionKernel, PolicyKind};
-use crate::engine::KvCacheChoice;
-use crate::eval::{charts, evaluate, segment_table, table, EvalWindow};
+use mistralrs_logquant::config::{allowed_names, AttentionKernel, PolicyKind};
+use mistralrs_logquant::engine::KvCacheChoice;
+use mistralrs_logquant::eval::{context_segments, evaluate, segment_perplexities, EvalRow, EvalWindow};
 use crate::plot::svg;
-use crate::retrieval::{copy_charts, copy_table, evaluate_copy, CopySettings};
+use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings};
 
 /// What `eval` measures.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +200,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     println!();
     print!("{}", segment_table(&rows, window));
     if let Some(path) = &args.json {
-        let run = crate::provenance::RunInfo::collect(&options);
+        let run = mistralrs_logquant::provenance::RunInfo::collect(&options);
         let json = serde_json::json!({ "window": window, "rows": rows, "run": run });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write --json {}", path.display()))?;
@@ -267,7 +267,7 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
     );
     print!("{}", copy_table(&rows));
     if let Some(path) = &args.json {
-        let run = crate::provenance::RunInfo::collect(&options);
+        let run = mistralrs_logquant::provenance::RunInfo::collect(&options);
         let json =
             serde_json::json!({ "task": "copy", "settings": settings, "rows": rows, "run": run });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
@@ -278,6 +278,147 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
             .with_context(|| format!("cannot write --plot {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Perplexity per context range, one row per configuration.
+pub fn segment_table(rows: &[EvalRow], window: EvalWindow) -> String {
+    let segments = context_segments(window.prefill, window.score);
+    let mut out = String::from("| config |");
+    for (from, to) in &segments {
+        out.push_str(&format!(" ppl, context {from}-{to} |"));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(segments.len()));
+    out.push('\n');
+    for r in rows {
+        out.push_str(&format!("| {} |", r.config));
+        for p in segment_perplexities(&r.nll, window.prefill, &segments) {
+            out.push_str(&format!(" {p:.3} |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Mean negative log-likelihood in bins of scored positions, against context length, and the
+/// same minus the default cache's (the first row): what `eval --plot` draws.
+pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    let bin = (window.score / 100).max(16);
+    let binned = |nll: &[f64]| -> Vec<(f64, f64)> {
+        nll.chunks(bin)
+            .enumerate()
+            .map(|(i, c)| {
+                let center = window.prefill + i * bin + c.len() / 2;
+                (center as f64, c.iter().sum::<f64>() / c.len() as f64)
+            })
+            .collect()
+    };
+    let reference = rows.first().map(|r| binned(&r.nll)).unwrap_or_default();
+    let mut absolute = Vec::new();
+    let mut excess = Vec::new();
+    for r in rows {
+        let points = binned(&r.nll);
+        excess.push(Series {
+            label: r.config.clone(),
+            points: points
+                .iter()
+                .zip(&reference)
+                .map(|(&(x, y), &(_, d))| (x, y - d))
+                .collect(),
+        });
+        absolute.push(Series {
+            label: r.config.clone(),
+            points,
+        });
+    }
+    vec![
+        Chart {
+            title: format!("Log-perplexity by position (bins of {bin} tokens)"),
+            x_label: "context (tokens cached before the scored token)".into(),
+            y_label: "mean negative log-likelihood (nats)".into(),
+            series: absolute,
+        },
+        Chart {
+            title: "Excess over the default cache".into(),
+            x_label: "context (tokens cached before the scored token)".into(),
+            y_label: "nats per token above default".into(),
+            series: excess,
+        },
+    ]
+}
+
+/// A Markdown table of the rows.
+pub fn table(rows: &[EvalRow]) -> String {
+    let mut out = String::from(
+        "| config | perplexity | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.3} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
+            r.config,
+            r.perplexity,
+            r.kl_vs_default,
+            r.top1_agreement,
+            r.cache_bytes,
+            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+        ));
+    }
+    out
+}
+
+/// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
+/// default cache's (the first row).
+pub fn copy_table(rows: &[CopyRow]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let mut out = String::from("| config |");
+    for c in &first.cells {
+        out.push_str(&format!(" copy, {} filler | vs default |", c.filler));
+    }
+    out.push_str(" KV bytes (last prompt) | vs default |\n|---|");
+    out.push_str(&"---|---|".repeat(first.cells.len()));
+    out.push_str("---|---|\n");
+    for r in rows {
+        out.push_str(&format!("| {} |", r.config));
+        for (c, d) in r.cells.iter().zip(&first.cells) {
+            let ratio = if d.mean > 0.0 {
+                format!("{:.2}", c.mean / d.mean)
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                " {:.3} ({}/{} verbatim) | {ratio} |",
+                c.mean,
+                c.verbatim,
+                c.scores.len()
+            ));
+        }
+        out.push_str(&format!(
+            " {} | {:.2}x smaller |\n",
+            r.cache_bytes,
+            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+        ));
+    }
+    out
+}
+
+/// Mean copy score against filler length, one line per configuration.
+pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    vec![Chart {
+        title: "Copy score after a filler".into(),
+        x_label: "filler (tokens between the passage and its repetition)".into(),
+        y_label: "fraction of words copied before the first error".into(),
+        series: rows
+            .iter()
+            .map(|r| Series {
+                label: r.config.clone(),
+                points: r.cells.iter().map(|c| (c.filler as f64, c.mean)).collect(),
+            })
+            .collect(),
+    }]
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use mistralrs_core::kv_cache_backend::{kv_cache_usage, KvCacheUsage};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::engine::KvCacheChoice;
+use mistralrs_logquant::engine::KvCacheChoice;
 
 /// Every metric's name starts with this.
 pub const NAMESPACE: &str = "mistralrs_logquant";

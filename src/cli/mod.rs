@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use crate::config::{AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
-use crate::engine::{Dtype, EngineOptions, KvCacheChoice, Weights};
-use crate::model_source::ModelSource;
+use mistralrs_logquant::config::{AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
+use mistralrs_logquant::engine::{Dtype, EngineOptions, KvCacheChoice, Weights};
+use mistralrs_logquant::model_source::ModelSource;
 
 #[derive(Parser, Debug)]
 #[command(

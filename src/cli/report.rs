@@ -7,11 +7,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::bench::{self, BenchReport, BenchRow};
-use crate::eval::{self, EvalRow, EvalWindow};
+use super::{bench, eval};
+use mistralrs_logquant::bench::{BenchReport, BenchRow};
+use mistralrs_logquant::eval::{EvalRow, EvalWindow};
 use crate::plot::svg;
-use crate::provenance::RunInfo;
-use crate::retrieval::{self, CopyRow, CopySettings};
+use mistralrs_logquant::provenance::RunInfo;
+use mistralrs_logquant::retrieval::{CopyRow, CopySettings};
 
 #[derive(Args, Debug, Clone)]
 pub struct ReportArgs {
@@ -75,8 +76,8 @@ pub fn report(args: ReportArgs) -> Result<()> {
     let charts = match input {
         Input::Copy { settings, rows, .. } => {
             println!("copy task: {settings:?}\n");
-            print!("{}", retrieval::copy_table(&rows));
-            retrieval::copy_charts(&rows)
+            print!("{}", eval::copy_table(&rows));
+            eval::copy_charts(&rows)
         }
         Input::Eval { window, rows, .. } => {
             print!("{}", eval::table(&rows));

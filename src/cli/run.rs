@@ -7,7 +7,7 @@ use clap::Args;
 use mistralrs::{Model, RequestBuilder, Response, TextMessageRole};
 
 use super::{CacheArgs, ModelArgs};
-use crate::engine::build_engine;
+use mistralrs_logquant::engine::build_engine;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
-use crate::engine::{build_engine, KvCacheChoice};
+use mistralrs_logquant::engine::{build_engine, KvCacheChoice};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -248,4 +248,36 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mistralrs_logquant::config::LogQuantConfig;
+
+    /// `GET /v1/kv-cache` reports the widths and key group in effect, however they were set.
+    #[test]
+    fn kv_cache_report_shows_the_widths_in_effect() {
+        let choice = KvCacheChoice::LogQuant(LogQuantConfig {
+            key_bits: Some(4),
+            key_group_size: Some(128),
+            rotate: true,
+            ..LogQuantConfig::default()
+        });
+        let report = kv_cache_report(&choice);
+        let p = &report["parameters"];
+        assert_eq!(
+            (&p["bits"], &p["key-bits"], &p["value-bits"]),
+            (&2.into(), &4.into(), &2.into()),
+            "{report}"
+        );
+        assert_eq!(
+            (&p["key-group-size"], &p["rotate"]),
+            (&128.into(), &true.into())
+        );
+        assert_eq!(
+            report["description"],
+            "logquant W=42, K4V2, G=64 (keys 128), keys per-channel, rotated"
+        );
+    }
 }
