@@ -359,5 +359,4 @@ mod tests {
         assert_eq!(largest_fitting_batch(10, 16, |b| 11 * b), None);
         assert_eq!(largest_fitting_batch(10, 0, |b| b), None);
     }
-
 }

@@ -7,9 +7,9 @@ use clap::Args;
 
 use super::eval::parse_configs;
 use super::{CacheArgs, ModelArgs};
+use crate::plot::svg;
 use mistralrs_logquant::bench::{bench, BenchRow, Budget, BudgetRow};
 use mistralrs_logquant::engine::KvCacheChoice;
-use crate::plot::svg;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {

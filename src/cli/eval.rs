@@ -7,10 +7,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
+use crate::plot::svg;
 use mistralrs_logquant::config::{allowed_names, AttentionKernel, PolicyKind};
 use mistralrs_logquant::engine::KvCacheChoice;
-use mistralrs_logquant::eval::{context_segments, evaluate, segment_perplexities, EvalRow, EvalWindow};
-use crate::plot::svg;
+use mistralrs_logquant::eval::{
+    context_segments, evaluate, segment_perplexities, EvalRow, EvalWindow,
+};
 use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings};
 
 /// What `eval` measures.

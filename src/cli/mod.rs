@@ -14,7 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
-use mistralrs_logquant::config::{AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind};
+use mistralrs_logquant::config::{
+    AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind,
+};
 use mistralrs_logquant::engine::{Dtype, EngineOptions, KvCacheChoice, Weights};
 use mistralrs_logquant::model_source::ModelSource;
 

@@ -8,9 +8,9 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::{bench, eval};
+use crate::plot::svg;
 use mistralrs_logquant::bench::{BenchReport, BenchRow};
 use mistralrs_logquant::eval::{EvalRow, EvalWindow};
-use crate::plot::svg;
 use mistralrs_logquant::provenance::RunInfo;
 use mistralrs_logquant::retrieval::{CopyRow, CopySettings};
 
