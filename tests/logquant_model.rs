@@ -1,7 +1,7 @@
-//! LogQuant end to end on SmolLM2-135M with the real engine and the weights as shipped (Q4_1):
-//! 2-bit writes fluent text, and the engine's byte counter shows the memory saving. Comparisons
-//! that need the model to be continuous (8-bit vs default, fused vs portable) are in
-//! `continuous_model.rs`.
+//! LogQuant end to end on SmolLM2-135M with the real engine (weights as f32, the CPU default):
+//! 2-bit writes fluent text, the engine's byte counter shows the memory saving, and `eval`
+//! measures the dtype it is given. Comparisons that need the model to be continuous (8-bit vs
+//! default, fused vs portable) are in `continuous_model.rs`.
 
 mod common;
 
@@ -144,4 +144,43 @@ async fn per_token_keys_need_no_staging() {
     let after_prefill = 2 * 42 + (1023 - 2 * 42) % 42;
     assert_eq!(usage.full_precision_tokens, after_prefill + 1, "{usage:?}");
     assert_eq!(usage.quantized_tokens, 1024 - after_prefill - 1);
+}
+
+/// `eval --dtype bf16` measures bf16: the engines `evaluate` builds take the dtype of the
+/// options it is given (they once hard-coded f32). Oracle: the cache's bytes are whole
+/// bf16 rows (2 bytes per value, counted from SmolLM2's shapes), not f32 ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_measures_the_dtype_it_is_given() {
+    use mistralrs_logquant::engine::EngineOptions;
+    use mistralrs_logquant::eval::{evaluate, EvalWindow};
+    let text = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/kjv_genesis_exodus.txt"
+    ));
+    let window = EvalWindow {
+        start: 0,
+        prefill: 32,
+        score: 8,
+    };
+    // W = 100: every token stays in full precision, so every cached byte is an activation.
+    let exact = KvCacheChoice::LogQuant(LogQuantConfig {
+        window: 100,
+        ..LogQuantConfig::default()
+    });
+    for (dtype, bytes_per_value) in [(Dtype::Bf16, 2), (Dtype::F32, 4)] {
+        let mut base = EngineOptions::new(model(), KvCacheChoice::Default);
+        base.dtype = dtype;
+        let rows = evaluate(&base, text, window, &[exact.clone()], |_| {}, None)
+            .await
+            .expect("eval");
+        let per_token = smollm2_dense_bytes_per_token(bytes_per_value);
+        let bytes = rows[1].cache_bytes;
+        assert!(
+            bytes % per_token == 0
+                && (window.prefill..=window.prefill + window.score).contains(&(bytes / per_token)),
+            "{dtype:?}: {bytes} bytes is not a whole number of {bytes_per_value}-byte rows of \
+             32-40 tokens"
+        );
+        assert!(rows[1].perplexity.is_finite() && rows[0].perplexity.is_finite());
+    }
 }
