@@ -170,9 +170,16 @@ async fn eval_measures_the_dtype_it_is_given() {
     for (dtype, bytes_per_value) in [(Dtype::Bf16, 2), (Dtype::F32, 4)] {
         let mut base = EngineOptions::new(model(), KvCacheChoice::Default);
         base.dtype = dtype;
-        let rows = evaluate(&base, text, window, &[exact.clone()], |_| {}, None)
-            .await
-            .expect("eval");
+        let rows = evaluate(
+            &base,
+            text,
+            window,
+            std::slice::from_ref(&exact),
+            |_| {},
+            None,
+        )
+        .await
+        .expect("eval");
         let per_token = smollm2_dense_bytes_per_token(bytes_per_value);
         let bytes = rows[1].cache_bytes;
         assert!(
