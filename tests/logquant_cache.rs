@@ -1,13 +1,16 @@
 //! The LogQuant backend without a model: layout, attention equivalence, batching, rewinds and
-//! byte accounting, against independent references (a replayed selection and textbook
-//! attention).
+//! byte accounting, against independent references: the spec's token rule written out
+//! (`spec/mod.rs`, checked against the spec's hand-computed vectors), textbook attention in
+//! plain candle ops ([`textbook`]), and byte counts written out from shapes.
 
-use candle_core::{Device, Result, Tensor};
+mod spec;
+
+use candle_core::{Device, Result, Tensor, D};
 use mistralrs_core::kv_cache_backend::{AttentionParams, KvCacheBackend};
 use mistralrs_logquant::backend::LogQuantCache;
 use mistralrs_logquant::config::{AttentionKernel, KeyGrouping, LogQuantConfig, PolicyKind};
-use mistralrs_logquant::policy::{Policy, Selection};
 use mistralrs_logquant::reference::{max_abs_diff, naive_attention, AttnShape};
+use spec::{Rule, SpecSelection};
 
 const Q_HEADS: usize = 4;
 const KV_HEADS: usize = 2;
@@ -41,6 +44,49 @@ fn params() -> AttentionParams {
 
 fn host(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The oracle: textbook attention `softmax(Q K^T * scale + M) V` in plain candle ops, each kv
+/// head repeated for its `q_heads / kv_heads` query heads, `M` the given additive mask
+/// `(queries, keys)` or else the causal one (every earlier row visible to each of the last
+/// `queries` rows). Shares no code with the crate's attention paths or its reference.
+fn textbook(q: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>, scale: f64) -> Vec<f32> {
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let (q, k, v) = (f32(q), f32(k), f32(v));
+    let (b, q_heads, queries, dim) = q.dims4().unwrap();
+    let (_, kv_heads, keys, _) = k.dims4().unwrap();
+    let groups = q_heads / kv_heads;
+    let per_query_head = |t: &Tensor| {
+        t.unsqueeze(2)
+            .and_then(|t| t.repeat((1, 1, groups, 1, 1)))
+            .and_then(|t| t.reshape((b, q_heads, keys, dim)))
+            .unwrap()
+    };
+    let m = m
+        .cloned()
+        .unwrap_or_else(|| mask(keys - queries, queries, None));
+    let scores = (q.matmul(&per_query_head(&k).t().unwrap()).unwrap() * scale)
+        .and_then(|s| s.broadcast_add(&m))
+        .unwrap();
+    let e = scores
+        .broadcast_sub(&scores.max_keepdim(D::Minus1).unwrap())
+        .and_then(|s| s.exp())
+        .unwrap();
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    host(&p.matmul(&per_query_head(&v)).unwrap())
+}
+
+/// The spec rule of `config`'s policy.
+fn rule(config: &LogQuantConfig) -> Rule {
+    match config.policy {
+        PolicyKind::Logquant => Rule::LogQuant { w: config.window },
+        PolicyKind::Recent => Rule::Recent { r: config.recent },
+        PolicyKind::SinkRecent => Rule::SinkRecent {
+            s: config.sink,
+            r: config.recent,
+        },
+        PolicyKind::None => Rule::None,
+    }
 }
 
 /// Textbook attention over whatever K/V the backend hands to "the engine".
@@ -94,13 +140,14 @@ impl History {
     }
 }
 
-/// Drive a cache through a prefill and decode steps; at every decode step check that
-/// (1) full-precision rows are exact and quantized rows within half a quantization step,
-/// (2) the backend's attention equals textbook attention over the original order.
+/// Drive a cache through a prefill and decode steps; at every step check that (1) the
+/// full-precision positions are the spec rule's and the quantized ones the first it evicted,
+/// (2) full-precision rows are exact and quantized rows within half a quantization step,
+/// (3) the backend's attention equals textbook attention over the original order.
 fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usize, steps: usize) {
     let mut rng = Rng(0xDEAD_BEEF ^ (prefill as u64) << 8 ^ batch as u64);
     let mut cache = LogQuantCache::new(config, 100_000);
-    let mut replay = Selection::new(Policy::from_config(&config));
+    let mut spec = SpecSelection::new(rule(&config));
     let mut evicted_order: Vec<usize> = Vec::new();
     let mut history = History::new(batch);
     // Half a quantization step of the narrower width over the inputs' range [-1, 1]. Rotated
@@ -119,13 +166,8 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
         let q = rng.tensor((batch, Q_HEADS, n, DIM)).unwrap();
         let k = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
         let v = rng.tensor((batch, KV_HEADS, n, DIM)).unwrap();
-        let before: Vec<usize> = replay
-            .positions()
-            .iter()
-            .copied()
-            .chain(history.len..history.len + n)
-            .collect();
-        evicted_order.extend(replay.admit(n).into_iter().map(|i| before[i]));
+        // One call's evicted rows are stored in position order.
+        evicted_order.extend(spec.admit(n));
         history.push(&k, &v);
         let out = cache
             .append_and_attend(&q, &k, &v, None, &params(), &naive_engine)
@@ -141,8 +183,8 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
         let fp = cache.rows()[0].full_precision_positions().to_vec();
         assert_eq!(
             fp,
-            replay.positions(),
-            "selection differs from the replayed policy"
+            spec.positions(),
+            "step {step}: full-precision positions differ from the spec rule's"
         );
         for b in 0..batch {
             let row = &cache.rows()[b];
@@ -180,19 +222,11 @@ fn check_layout_and_attention(config: LogQuantConfig, batch: usize, prefill: usi
         if step == 0 {
             continue;
         }
-        let shape = AttnShape {
-            batch,
-            q_heads: Q_HEADS,
-            kv_heads: KV_HEADS,
-            queries: 1,
-            cached: len - 1,
-            dim: DIM,
-        };
-        let want = naive_attention(&host(&q), &ok, &ov, shape, SCALE);
+        let want = textbook(&q, &mk, &mv, None, SCALE.into());
         let (err, at, finite) = max_abs_diff(&host(&out), &want);
         assert!(finite, "step {step}: non-finite output");
-        // The portable path hands the same values to the same textbook attention; the fused
-        // kernel reassociates sums (scale times code-dot instead of dot of products).
+        // The portable path hands the same values to textbook attention in another order;
+        // the fused kernel reassociates sums (scale times code-dot instead of dot of products).
         let tolerance = match config.kernel {
             AttentionKernel::Portable => 1e-5,
             AttentionKernel::Fused => 1e-4,
@@ -246,7 +280,8 @@ fn position_agnostic_layout_matches_original_order_for_every_policy_and_grouping
 }
 
 /// Keys and values at their own widths (3-bit codes included), a separate key group and the
-/// Hadamard rotation, through both kernels, against the replayed layout and textbook attention.
+/// Hadamard rotation, through both kernels, against the spec rule's layout and textbook
+/// attention.
 #[test]
 fn mixed_widths_key_groups_and_rotation_match_the_reference() {
     for (key_bits, value_bits, key_group, rotate) in [
@@ -277,26 +312,125 @@ fn mixed_widths_key_groups_and_rotation_match_the_reference() {
     }
 }
 
+/// The oracle itself: the spec rule as `spec/mod.rs` writes it reproduces the spec's
+/// hand-computed vectors.
+#[test]
+fn the_written_out_rule_reproduces_the_spec_vectors() {
+    for vector in spec::spec_vectors() {
+        let mut rule = SpecSelection::new(Rule::LogQuant { w: vector.w });
+        let mut arrived = 0;
+        for point in &vector.points {
+            let mut evicted = Vec::new();
+            while arrived <= point.token {
+                let n = if arrived == 0 { vector.prefill } else { 1 };
+                evicted = rule.admit(n);
+                arrived += n;
+                if arrived <= point.token {
+                    assert!(
+                        evicted.is_empty(),
+                        "{vector:?}: token {} evicted",
+                        arrived - 1
+                    );
+                }
+            }
+            let mut want = point.evicted.clone();
+            want.sort_unstable();
+            assert_eq!(evicted, want, "{vector:?} at {}", point.token);
+            assert_eq!(rule.positions(), point.fp, "{vector:?} at {}", point.token);
+        }
+    }
+}
+
+/// The spec's hand-computed vectors through the cache: after every arrival the cache's
+/// full-precision positions are the spec's, and the positions it quantized at that arrival
+/// are the ones the spec evicts (per-token keys: every evicted row is quantized at once).
+#[test]
+fn the_cache_keeps_the_specs_test_vectors() {
+    for vector in spec::spec_vectors() {
+        let config = LogQuantConfig {
+            window: vector.w,
+            group_size: 8,
+            key_grouping: KeyGrouping::PerToken,
+            kernel: AttentionKernel::Portable,
+            ..LogQuantConfig::default()
+        }
+        .validate()
+        .unwrap();
+        let mut cache = LogQuantCache::new(config, 1000);
+        let mut rng = Rng(7);
+        let mut quantized_before = 0;
+        let mut points = vector.points.iter().peekable();
+        let mut arrived = 0;
+        while let Some(next) = points.peek() {
+            let n = if arrived == 0 { vector.prefill } else { 1 };
+            let k = rng.tensor((1, KV_HEADS, n, DIM)).unwrap();
+            let v = rng.tensor((1, KV_HEADS, n, DIM)).unwrap();
+            cache.append(&k, &v).unwrap();
+            arrived += n;
+            let row = &cache.rows()[0];
+            let quantized: Vec<usize> = row
+                .quantized_positions()
+                .iter()
+                .map(|&p| p as usize)
+                .collect();
+            let new_quantized = quantized[quantized_before..].to_vec();
+            quantized_before = quantized.len();
+            let token = arrived - 1;
+            if next.token == token {
+                let mut want = next.evicted.clone();
+                want.sort_unstable();
+                assert_eq!(new_quantized, want, "W={} token {token}", vector.w);
+                assert_eq!(
+                    row.full_precision_positions(),
+                    next.fp,
+                    "W={} token {token}",
+                    vector.w
+                );
+                points.next();
+            } else {
+                assert!(
+                    new_quantized.is_empty(),
+                    "W={} token {token} quantized {new_quantized:?}",
+                    vector.w
+                );
+            }
+        }
+    }
+}
+
+/// Prefill with the engine's causal mask: the output equals textbook causal attention over the
+/// prompt, `softmax(Q K^T / sqrt(d) + M) V`, for both kernels (portable: the engine's attention
+/// gets the prompt's exact rows; fused: the kernel attends itself), although most of the
+/// prompt is quantized for the steps after.
 #[test]
 fn prefill_attends_to_exact_rows() {
-    let mut rng = Rng(99);
-    let mut cache = LogQuantCache::new(
-        config(2, KeyGrouping::PerChannel, PolicyKind::Logquant),
-        1000,
-    );
+    assert_eq!(SCALE, 1.0 / (DIM as f32).sqrt());
     let (b, n) = (2, 33);
-    let q = rng.tensor((b, Q_HEADS, n, DIM)).unwrap();
-    let k = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
-    let v = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
-    let out = cache
-        .append_and_attend(&q, &k, &v, None, &params(), &naive_engine)
-        .unwrap();
-    let want = naive_engine(&q, &k, &v, None).unwrap();
-    assert_eq!(host(&out), host(&want));
-    assert!(
-        cache.rows()[0].quantized_tokens() > 0,
-        "prefill quantized nothing"
-    );
+    for kernel in [AttentionKernel::Portable, AttentionKernel::Fused] {
+        let mut rng = Rng(99);
+        let config = LogQuantConfig {
+            kernel,
+            ..config(2, KeyGrouping::PerChannel, PolicyKind::Logquant)
+        };
+        let mut cache = LogQuantCache::new(config, 1000);
+        let q = rng.tensor((b, Q_HEADS, n, DIM)).unwrap();
+        let k = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
+        let v = rng.tensor((b, KV_HEADS, n, DIM)).unwrap();
+        let causal = mask(0, n, None);
+        let out = cache
+            .append_and_attend(&q, &k, &v, Some(&causal), &params(), &masked_engine)
+            .unwrap();
+        let want = textbook(&q, &k, &v, Some(&causal), 1.0 / (DIM as f64).sqrt());
+        let (err, at, finite) = max_abs_diff(&host(&out), &want);
+        assert!(
+            finite && err < 1e-5,
+            "{kernel:?}: prefill differs from textbook attention by {err} at {at}"
+        );
+        assert!(
+            cache.rows()[0].quantized_tokens() > 0,
+            "prefill quantized nothing"
+        );
+    }
 }
 
 #[test]
@@ -346,34 +480,52 @@ fn rewinds_are_refused_with_a_reason() {
     assert!(cache.set_len(11).is_err());
 }
 
+/// The byte counter against counts written out by hand: how many tokens stay full precision
+/// from the spec's rule, bytes per token from the shapes of what is stored.
 #[test]
 fn bytes_follow_the_memory_arithmetic() {
-    // SmolLM2's layer geometry: 3 kv heads x 64 dims, f32 activations.
+    // SmolLM2's layer geometry: 3 kv heads x 64 dims, f32 activations; 2 bits, W=42, G=64.
+    let (heads, dim, tokens, w, g) = (3, 64, 1000, 42, 64);
     let cfg = LogQuantConfig::default();
+    assert_eq!((cfg.bits, cfg.window, cfg.group_size), (2, w, g));
     let mut cache = LogQuantCache::new(cfg, 10_000);
-    let tokens = 1000;
-    let k = Tensor::ones((1, 3, tokens, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let k = Tensor::ones(
+        (1, heads, tokens, dim),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     cache.append(&k, &k).unwrap();
+    // The eager prefill passes 21 times (1000 - 21 x 42 = 118 < 3W); per-channel keys quantize
+    // the evicted tokens in whole groups of G, the rest waits in f32.
+    let fp = spec::logquant_prefill(tokens, w).len();
+    let evicted = tokens - fp;
+    let (quantized, staged) = (evicted / g * g, evicted % g);
+    assert_eq!((fp, quantized, staged), (118, 832, 50));
+    // A quantized token: 2-bit codes of K and V, 3 x 64 each (2 x 48 B); values a 16-bit scale
+    // and min per 64 channels (3 x 4 B); keys a 16-bit scale and min per channel per 64 tokens
+    // (3 x 64 x 4 B / 64 tokens). 120 B, the spec's 3,600 B over 30 layers.
+    let per_quantized = 2 * 48 + 3 * 4 + 3 * 64 * 4 / 64;
+    assert_eq!(per_quantized * 30, 3600);
+    let per_f32 = 2 * heads * dim * 4;
     let usage = cache.usage();
     let row = &cache.rows()[0];
-    let quantized = row.quantized_tokens();
-    let full = row.full_precision_tokens();
-    assert_eq!(quantized + full, tokens);
-    assert_eq!(quantized % 64, 0, "per-channel keys quantize whole groups");
-    // 2-bit, G=64: codes 48 B + 3 groups x 4 B per head-row set = 60 B for K, 60 B for V.
-    let per_quantized = 120;
-    let per_full = 2 * 3 * 64 * 4;
-    assert_eq!(usage.bytes, quantized * per_quantized + full * per_full);
-    assert_eq!(usage.dense_bytes, tokens * per_full);
+    assert_eq!(row.quantized_tokens(), quantized);
+    assert_eq!(row.full_precision_tokens(), fp + staged);
+    assert_eq!(
+        usage.bytes,
+        quantized * per_quantized + (fp + staged) * per_f32
+    );
+    assert_eq!(usage.dense_bytes, tokens * per_f32);
     assert_eq!(usage.quantized_tokens, quantized);
-    assert_eq!(usage.full_precision_tokens, full);
+    assert_eq!(usage.full_precision_tokens, fp + staged);
 }
 
 /// The byte counter against an analytic count from tensor sizes, for mixed widths, 3-bit codes
 /// and a key group of 128 tokens: quantized rows hold `heads x dim x bits / 8` bytes of codes
 /// for K and V each, values a 4-byte scale/min per `G` channels of each token, per-channel keys
 /// a 4-byte scale/min per channel per block of `key group` tokens; full-precision and staged
-/// rows hold `2 x heads x dim` f32 values.
+/// rows hold `2 x heads x dim` f32 values. Token counts come from the spec's rule.
 #[test]
 fn bytes_of_mixed_widths_match_an_analytic_count() {
     let (heads, dim, tokens) = (3, 64, 1000);
@@ -399,16 +551,22 @@ fn bytes_of_mixed_widths_match_an_analytic_count() {
         let v = rng.tensor((1, heads, tokens, dim)).unwrap();
         cache.append(&k, &v).unwrap();
         let row = &cache.rows()[0];
-        let (quantized, full) = (row.quantized_tokens(), row.full_precision_tokens());
-        assert_eq!(quantized + full, tokens);
+        // Per-channel keys quantize evicted tokens in whole key groups; per-token keys at once.
+        let evicted = tokens - spec::logquant_prefill(tokens, cfg.window).len();
+        let quantized = match keys {
+            KeyGrouping::PerChannel => evicted / key_group * key_group,
+            KeyGrouping::PerToken => evicted,
+        };
+        let full = tokens - quantized;
+        assert_eq!(
+            (row.quantized_tokens(), row.full_precision_tokens()),
+            (quantized, full)
+        );
         for chunk in row.chunks() {
             assert_eq!((chunk.k.bits, chunk.v.bits), (key_bits, value_bits));
         }
         let key_params = match keys {
-            KeyGrouping::PerChannel => {
-                assert_eq!(quantized % key_group, 0, "whole key groups");
-                quantized / key_group * heads * dim * 4
-            }
+            KeyGrouping::PerChannel => quantized / key_group * heads * dim * 4,
             KeyGrouping::PerToken => quantized * heads * (dim / key_group) * 4,
         };
         let expected = quantized * heads * dim * (key_bits + value_bits) as usize / 8
@@ -506,8 +664,8 @@ fn fused_kernel_matches_the_reference_on_edge_cases() {
             assert_eq!(out.dtype(), dtype);
             let (mk, mv) = cache.materialize().unwrap().unwrap();
             let to_f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
-            let want = naive_engine(&to_f32(&q), &to_f32(&mk), &to_f32(&mv), None).unwrap();
-            let (err, at, finite) = max_abs_diff(&host(&to_f32(&out)), &host(&want));
+            let want = textbook(&q, &mk, &mv, None, SCALE.into());
+            let (err, at, finite) = max_abs_diff(&host(&to_f32(&out)), &want);
             let tolerance = if dtype == candle_core::DType::F32 {
                 1e-4
             } else {
@@ -571,7 +729,7 @@ fn fused_kernel_tiers_and_span_splits_match_the_reference() {
             cache.append(&k1, &v1).unwrap();
             let q = rng.tensor((2, Q_HEADS, 1, dim)).unwrap();
             let (mk, mv) = cache.materialize().unwrap().unwrap();
-            let want = host(&naive_engine(&q, &mk, &mv, None).unwrap());
+            let want = textbook(&q, &mk, &mv, None, SCALE.into());
             let row = &cache.rows()[0];
             assert!(row.quantized_tokens() > 500 && row.full_precision_tokens() > 0);
             for tier in SimdTier::available() {
@@ -625,7 +783,7 @@ fn fused_kernel_mixed_widths_match_the_reference() {
             cache.append(&k1, &v1).unwrap();
             let q = rng.tensor((2, Q_HEADS, 1, dim)).unwrap();
             let (mk, mv) = cache.materialize().unwrap().unwrap();
-            let want = host(&naive_engine(&q, &mk, &mv, None).unwrap());
+            let want = textbook(&q, &mk, &mv, None, SCALE.into());
             let row = &cache.rows()[0];
             assert!(row.quantized_tokens() > 500);
             let chunk = &row.chunks()[0];
@@ -654,7 +812,7 @@ fn fused_kernel_mixed_widths_match_the_reference() {
         rng.tensor((1, KV_HEADS, 600, dim)).unwrap(),
     );
     let q = rng.tensor((1, Q_HEADS, 1, dim)).unwrap();
-    let exact = host(&naive_engine(&q, &k, &v, None).unwrap());
+    let exact = textbook(&q, &k, &v, None, SCALE.into());
     for rotate in [false, true] {
         let cfg = LogQuantConfig {
             bits: 8,
@@ -706,7 +864,7 @@ fn fused_chunk_after_a_cached_prefix_matches_the_reference() {
             let (mk, mv) = cache.materialize().unwrap().unwrap();
             let k_all = Tensor::cat(&[&mk, &k_new], 2).unwrap();
             let v_all = Tensor::cat(&[&mv, &v_new], 2).unwrap();
-            let want = host(&naive_engine(&q, &k_all, &v_all, None).unwrap());
+            let want = textbook(&q, &k_all, &v_all, None, SCALE.into());
             for tier in SimdTier::available() {
                 for span_tokens in [1, 3, 512] {
                     let plan = KernelPlan { tier, span_tokens };
@@ -723,49 +881,51 @@ fn fused_chunk_after_a_cached_prefix_matches_the_reference() {
     }
 }
 
-/// Through the backend: a chunk with the engine's causal mask takes the fused path and agrees
-/// with the portable path; the caches end up identical.
+/// Through the backend: chunks with the engine's causal mask (the fused kernel's chunk path)
+/// and decode steps, on both kernels, against textbook causal attention over the cache as it
+/// was plus the chunk's exact rows (a decode step: over the cache after its admission); the
+/// two caches end up identical.
 #[test]
-fn backend_chunks_agree_between_fused_and_portable() {
+fn backend_chunks_match_textbook_attention_on_both_kernels() {
     let mut rng = Rng(11);
     let base = LogQuantConfig {
         window: 4,
         group_size: 8,
         ..LogQuantConfig::default()
     };
-    let mut fused = LogQuantCache::new(
-        LogQuantConfig {
-            kernel: AttentionKernel::Fused,
-            ..base
-        },
-        100_000,
-    );
-    let mut portable = LogQuantCache::new(
-        LogQuantConfig {
-            kernel: AttentionKernel::Portable,
-            ..base
-        },
-        100_000,
-    );
+    let mut caches = [AttentionKernel::Fused, AttentionKernel::Portable]
+        .map(|kernel| LogQuantCache::new(LogQuantConfig { kernel, ..base }, 100_000));
     let mut cached = 0;
     for new in [50usize, 7, 1, 13] {
         let q = rng.tensor((1, Q_HEADS, new, DIM)).unwrap();
         let k = rng.tensor((1, KV_HEADS, new, DIM)).unwrap();
         let v = rng.tensor((1, KV_HEADS, new, DIM)).unwrap();
-        let mask = (new > 1).then(|| causal_mask(cached, new));
-        let a = fused
-            .append_and_attend(&q, &k, &v, mask.as_ref(), &params(), &naive_engine)
-            .unwrap();
-        let b = portable
-            .append_and_attend(&q, &k, &v, mask.as_ref(), &params(), &naive_engine)
-            .unwrap();
-        let (err, at, finite) = max_abs_diff(&host(&a), &host(&b));
-        assert!(
-            finite && err < 1e-4,
-            "chunk {new} after {cached}: error {err} at {at}"
-        );
+        let m = (new > 1).then(|| causal_mask(cached, new));
+        for cache in &mut caches {
+            let before = cache.materialize().unwrap();
+            let got = cache
+                .append_and_attend(&q, &k, &v, m.as_ref(), &params(), &naive_engine)
+                .unwrap();
+            let (all_k, all_v) = match before {
+                _ if new == 1 => cache.materialize().unwrap().unwrap(),
+                Some((ck, cv)) => (
+                    Tensor::cat(&[&ck, &k], 2).unwrap(),
+                    Tensor::cat(&[&cv, &v], 2).unwrap(),
+                ),
+                None => (k.clone(), v.clone()),
+            };
+            let want = textbook(&q, &all_k, &all_v, m.as_ref(), SCALE.into());
+            let (err, at, finite) = max_abs_diff(&host(&got), &want);
+            assert!(
+                finite && err < 1e-4,
+                "{:?}: chunk {new} after {cached}: error {err} at {at}",
+                cache.config().kernel
+            );
+        }
         cached += new;
     }
+    let [fused, portable] = &caches;
+    assert!(fused.rows()[0].quantized_tokens() > 0);
     let (fk, fv) = fused.materialize().unwrap().unwrap();
     let (pk, pv) = portable.materialize().unwrap().unwrap();
     assert_eq!(host(&fk), host(&pk));
@@ -910,8 +1070,8 @@ fn append_hands_out_rows_in_position_order_with_new_rows_exact() {
                 Tensor::cat(&[&cv, &v], 2).unwrap(),
             )
         };
-        let want = masked_engine(&q, &all_k, &all_v, Some(&m)).unwrap();
-        let (err, at, finite) = max_abs_diff(&host(&got), &host(&want));
+        let want = textbook(&q, &all_k, &all_v, Some(&m), SCALE.into());
+        let (err, at, finite) = max_abs_diff(&host(&got), &want);
         assert!(finite && err < 1e-5, "chunk of {n}: error {err} at {at}");
     }
 }
@@ -952,32 +1112,4 @@ fn models_logquant_cannot_cache_are_refused_with_one_line() {
         assert!(err.contains(want), "{err:?} lacks {want:?}");
         assert!(!err.contains('\n'), "{err:?} is not one line");
     }
-}
-
-/// `GET /v1/kv-cache` reports the widths and key group in effect, however they were set.
-#[test]
-fn kv_cache_report_shows_the_widths_in_effect() {
-    use mistralrs_logquant::cli::serve::kv_cache_report;
-    use mistralrs_logquant::engine::KvCacheChoice;
-    let choice = KvCacheChoice::LogQuant(LogQuantConfig {
-        key_bits: Some(4),
-        key_group_size: Some(128),
-        rotate: true,
-        ..LogQuantConfig::default()
-    });
-    let report = kv_cache_report(&choice);
-    let p = &report["parameters"];
-    assert_eq!(
-        (&p["bits"], &p["key-bits"], &p["value-bits"]),
-        (&2.into(), &4.into(), &2.into()),
-        "{report}"
-    );
-    assert_eq!(
-        (&p["key-group-size"], &p["rotate"]),
-        (&128.into(), &true.into())
-    );
-    assert_eq!(
-        report["description"],
-        "logquant W=42, K4V2, G=64 (keys 128), keys per-channel, rotated"
-    );
 }
