@@ -12,6 +12,7 @@ use mistralrs_core::kv_cache_backend::{stock_attention, AttentionParams, KvCache
 use mistralrs_logquant::backend::LogQuantCache;
 use mistralrs_logquant::config::LogQuantConfig;
 use mistralrs_logquant::kernels::cpu::attend_decode;
+use mistralrs_logquant::store::QuantPath;
 
 const Q_HEADS: usize = 9;
 const KV_HEADS: usize = 3;
@@ -71,7 +72,8 @@ fn layout_rows(cache: &LogQuantCache) -> (Tensor, Tensor) {
 }
 
 /// The cost of handing the cache to the engine in position order (what models that apply their
-/// own mask need) over the layout order LogQuant's own attention reads: one gather per tensor.
+/// own mask need) over the layout order LogQuant's own attention reads: one gather per tensor;
+/// and the device path's readout (candle-op dequantization, what CUDA and Metal run) on the CPU.
 fn position_order(c: &mut Criterion) {
     let device = Device::Cpu;
     let mut group = c.benchmark_group("cache_readout");
@@ -93,6 +95,13 @@ fn position_order(c: &mut Criterion) {
                 row.materialize_in_position_order(DType::F32, &device)
                     .unwrap()
             })
+        });
+        let mut forced =
+            LogQuantCache::with_quant_path(LogQuantConfig::default(), 8192, QuantPath::Device);
+        forced.append(&k, &v).unwrap();
+        let forced_row = &forced.rows()[0];
+        group.bench_function(id("layout-device-path"), |b| {
+            b.iter(|| forced_row.materialize(DType::F32, &device).unwrap())
         });
     }
     group.finish();

@@ -8,7 +8,8 @@
 //!
 //! Inside `append_and_attend` with no mask to honour (decode on the CPU), the fused kernel reads
 //! the position-agnostic layout `[quantized | staged | full precision]` directly. Elsewhere the
-//! portable path dequantizes the cache and hands it to the engine's attention for the device.
+//! portable path dequantizes the cache on its device (candle ops off the CPU, see
+//! [`crate::store::QuantPath`]) and hands it to the engine's attention for the device.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use mistralrs_core::kv_cache_backend::{
 
 use crate::config::{AttentionKernel, LogQuantConfig};
 use crate::kernels::cpu::{attend_chunk, attend_decode};
-use crate::store::SeqLayerStore;
+use crate::store::{QuantPath, SeqLayerStore};
 
 /// Registry name of the LogQuant backend.
 pub const LOGQUANT: &str = "logquant";
@@ -30,6 +31,8 @@ pub const LOGQUANT: &str = "logquant";
 #[derive(Debug, Clone, Copy)]
 pub struct LogQuantFactory {
     pub config: LogQuantConfig,
+    /// Where the layers quantize ([`QuantPath::Auto`] unless forced).
+    pub quant_path: QuantPath,
 }
 
 impl KvCacheBackendFactory for LogQuantFactory {
@@ -38,7 +41,11 @@ impl KvCacheBackendFactory for LogQuantFactory {
     }
 
     fn create(&self, _layer: usize, max_seq_len: usize) -> Box<dyn KvCacheBackend> {
-        Box::new(LogQuantCache::new(self.config, max_seq_len))
+        Box::new(LogQuantCache::with_quant_path(
+            self.config,
+            max_seq_len,
+            self.quant_path,
+        ))
     }
 
     /// Refuses, at load time, models LogQuant cannot cache: a compressed latent instead of
@@ -87,9 +94,15 @@ enum RowOrder {
 }
 
 /// Register (or replace) the `logquant` backend with `config`. Models built afterwards with
-/// the backend selected use this configuration; models already built keep theirs.
+/// the backend selected use this configuration; models already built keep theirs. The quant
+/// path is [`QuantPath::from_env`] (`MISTRALRS_LOGQUANT_DEVICE_PATH=1` forces the device path).
 pub fn register_logquant(config: LogQuantConfig) {
-    register_kv_cache_backend(Arc::new(LogQuantFactory { config }));
+    register_logquant_with(config, QuantPath::from_env());
+}
+
+/// [`register_logquant`] with an explicit quant path.
+pub fn register_logquant_with(config: LogQuantConfig, quant_path: QuantPath) {
+    register_kv_cache_backend(Arc::new(LogQuantFactory { config, quant_path }));
 }
 
 /// One layer's LogQuant cache for a batch of equal-length sequences.
@@ -97,15 +110,28 @@ pub fn register_logquant(config: LogQuantConfig) {
 pub struct LogQuantCache {
     config: LogQuantConfig,
     max_seq_len: usize,
+    quant_path: QuantPath,
     /// One store per batch row; empty until the first append tells the batch size.
     rows: Vec<SeqLayerStore>,
 }
 
 impl LogQuantCache {
     pub fn new(config: LogQuantConfig, max_seq_len: usize) -> Self {
+        Self::with_quant_path(config, max_seq_len, QuantPath::Auto)
+    }
+
+    /// A cache whose stores quantize on `quant_path`. With [`QuantPath::Device`] the CPU runs
+    /// exactly what CUDA and Metal run: candle-op quantization, the portable attention path,
+    /// no host reads of tensor data.
+    pub fn with_quant_path(
+        config: LogQuantConfig,
+        max_seq_len: usize,
+        quant_path: QuantPath,
+    ) -> Self {
         Self {
             config,
             max_seq_len,
+            quant_path,
             rows: Vec::new(),
         }
     }
@@ -129,7 +155,7 @@ impl LogQuantCache {
             );
         }
         if self.rows.is_empty() {
-            self.rows = vec![SeqLayerStore::new(self.config); b];
+            self.rows = vec![SeqLayerStore::with_quant_path(self.config, self.quant_path); b];
         } else if self.rows.len() != b {
             candle_core::bail!(
                 "logquant: batch of {b} appended to a cache of {} sequences",
@@ -194,6 +220,7 @@ impl LogQuantCache {
         Self {
             config: self.config,
             max_seq_len: self.max_seq_len,
+            quant_path: self.quant_path,
             rows,
         }
     }
@@ -210,6 +237,7 @@ impl KvCacheBackend for LogQuantCache {
         engine: &EngineAttention<'_>,
     ) -> Result<Tensor> {
         let fused_ok = self.config.kernel == AttentionKernel::Fused
+            && self.quant_path == QuantPath::Auto
             && q.device().is_cpu()
             && params.is_plain();
         if k.dim(2)? == 1 {

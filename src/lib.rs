@@ -8,7 +8,9 @@
 //!
 //! - [`backend`]: the LogQuant cache (`logquant`): a log-distributed set of at most 3W tokens
 //!   in full precision ([`policy`]), every other token in 2, 3, 4 or 8 bits, keys and values
-//!   at their own widths ([`quant`], [`store`]), configured by [`config::LogQuantConfig`].
+//!   at their own widths ([`quant`], [`store`]), configured by [`config::LogQuantConfig`];
+//!   quantized blocks are candle tensors on the model's device, quantized and dequantized
+//!   there with candle ops off the CPU ([`packed`]).
 //! - [`kernels`]: attention over the packed cache (the fused CPU kernel and its reference).
 //! - [`engine`]: a mistral.rs engine with a chosen cache, device, dtype and weights mode;
 //!   [`generate`]: greedy and teacher-forced requests against it.
@@ -40,6 +42,7 @@ pub mod eval;
 pub mod generate;
 pub mod kernels;
 pub mod model_source;
+pub mod packed;
 pub mod passthrough;
 pub mod policy;
 pub mod provenance;

@@ -40,15 +40,17 @@ pub const fn max_code(bits: u8) -> u8 {
     ((1u16 << bits) - 1) as u8
 }
 
-/// Scale and minimum of one group.
+/// Scale and minimum of one group. `#[repr(C)]`: the f16 pair a device block stores
+/// ([`crate::packed::PackedBlock::params`]) is read as this type on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
 pub struct GroupParams {
     pub scale: f16,
     pub min: f16,
 }
 
 /// The largest f16 that is <= x (x finite, within the f16 range).
-fn f16_at_most(x: f32) -> f16 {
+pub(crate) fn f16_at_most(x: f32) -> f16 {
     let h = f16::from_f32(x);
     if h.to_f32() <= x {
         return h;
@@ -57,7 +59,7 @@ fn f16_at_most(x: f32) -> f16 {
 }
 
 /// The smallest f16 that is >= x (x finite, within the f16 range).
-fn f16_at_least(x: f32) -> f16 {
+pub(crate) fn f16_at_least(x: f32) -> f16 {
     let h = f16::from_f32(x);
     if h.to_f32() >= x {
         return h;
@@ -353,29 +355,70 @@ impl QuantBlock {
     /// Reconstruct into `out`, laid out `[head][token][dim]` (rotated back if the block was
     /// rotated).
     pub fn dequantize_into(&self, out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            self.heads * self.tokens * self.dim,
-            "output shape"
+        dequantize_rows(
+            &self.codes,
+            &self.params,
+            BlockShape {
+                heads: self.heads,
+                tokens: self.tokens,
+                dim: self.dim,
+                bits: self.bits,
+                grouping: self.grouping,
+                rotated: self.rotated,
+            },
+            out,
         );
-        let mut codes = vec![0u8; self.dim];
-        for h in 0..self.heads {
-            for t in 0..self.tokens {
-                unpack(self.row(h, t), self.bits, &mut codes);
-                let base = (h * self.tokens + t) * self.dim;
-                for (c, &code) in codes.iter().enumerate() {
-                    out[base + c] = dequantize_value(code, self.params_at(h, t, c));
-                }
-            }
-        }
-        if self.rotated {
-            hadamard_rows(out, self.dim);
-        }
     }
 
     /// Bytes held: packed codes plus 16-bit scale and min per group.
     pub fn bytes(&self) -> usize {
         self.codes.len() + self.params.len() * std::mem::size_of::<GroupParams>()
+    }
+}
+
+/// The shape and encoding of a block whose bytes live elsewhere (see [`dequantize_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    pub heads: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    pub bits: u8,
+    pub grouping: Grouping,
+    pub rotated: bool,
+}
+
+/// [`QuantBlock::dequantize_into`] over borrowed codes and parameters laid out as a
+/// [`QuantBlock`]'s: `out` is `[head][token][dim]`.
+pub fn dequantize_rows(codes: &[u8], params: &[GroupParams], shape: BlockShape, out: &mut [f32]) {
+    let BlockShape {
+        heads,
+        tokens,
+        dim,
+        bits,
+        grouping,
+        rotated,
+    } = shape;
+    assert_eq!(out.len(), heads * tokens * dim, "output shape");
+    let row_bytes = packed_bytes(dim, bits);
+    let mut unpacked = vec![0u8; dim];
+    for h in 0..heads {
+        for t in 0..tokens {
+            let row = (h * tokens + t) * row_bytes;
+            unpack(&codes[row..row + row_bytes], bits, &mut unpacked);
+            let base = (h * tokens + t) * dim;
+            for (c, &code) in unpacked.iter().enumerate() {
+                let p = match grouping {
+                    Grouping::PerToken { group } => {
+                        params[(h * tokens + t) * (dim / group) + c / group]
+                    }
+                    Grouping::PerChannel => params[h * dim + c],
+                };
+                out[base + c] = dequantize_value(code, p);
+            }
+        }
+    }
+    if rotated {
+        hadamard_rows(out, dim);
     }
 }
 

@@ -7,20 +7,61 @@
 //! and V rows together does not change attention when every cached row is visible. Wherever the
 //! engine applies its own mask, the rows are handed over in position order instead
 //! ([`SeqLayerStore::materialize_in_position_order`]): each row's position is kept for that.
+//!
+//! Quantized chunks are candle tensors on the model's device ([`PackedBlock`]). Where the store
+//! computes them is its [`QuantPath`]: on the CPU by default the scalar reference quantizes on
+//! the host and the fused kernel reads the tensors' bytes in place; on any other device (or on
+//! the CPU when [`QuantPath::Device`] is chosen) quantization and dequantization run as candle
+//! ops on the device, and every read of tensor data to the host is refused
+//! ([`SeqLayerStore::host_read_check`], counted by [`device_path_host_reads`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 use crate::config::{KeyGrouping, LogQuantConfig};
+use crate::packed::{dequantize_blocks, PackedBlock};
 use crate::policy::{Policy, Selection};
-use crate::quant::{Grouping, QuantBlock};
+use crate::quant::{dequantize_rows, BlockShape, Grouping, QuantBlock};
+
+/// Where a store quantizes and dequantizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantPath {
+    /// The host scalar reference on the CPU (the fused kernel reads the bytes in place);
+    /// candle ops on the device for every other device.
+    #[default]
+    Auto,
+    /// Candle ops on the rows' device, the CPU included, with host reads refused: exactly
+    /// what runs on CUDA or Metal (tests force it on the CPU; the backend then uses the
+    /// portable attention path).
+    Device,
+}
+
+impl QuantPath {
+    /// `Device` if the environment variable `MISTRALRS_LOGQUANT_DEVICE_PATH` is `1`, else
+    /// `Auto`: forces the device path for a whole process (e.g. `eval` on the CPU).
+    pub fn from_env() -> Self {
+        match std::env::var("MISTRALRS_LOGQUANT_DEVICE_PATH").as_deref() {
+            Ok("1") => QuantPath::Device,
+            _ => QuantPath::Auto,
+        }
+    }
+}
+
+/// Host reads of tensor data that stores on the device path attempted (each one refused with
+/// an error). Zero unless a code path regressed; tests assert it stays zero.
+pub fn device_path_host_reads() -> usize {
+    DEVICE_PATH_HOST_READS.load(Ordering::Relaxed)
+}
+
+static DEVICE_PATH_HOST_READS: AtomicUsize = AtomicUsize::new(0);
 
 /// A quantized slice of tokens: keys and values of the same rows.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct QuantChunk {
-    pub k: QuantBlock,
-    pub v: QuantBlock,
+    pub k: PackedBlock,
+    pub v: PackedBlock,
     /// Sequence position of each row, in row order (4 bytes a token of host bookkeeping, not
     /// counted in [`QuantChunk::bytes`]).
     pub positions: Vec<u32>,
@@ -86,7 +127,8 @@ impl Rows {
     }
 }
 
-/// Host f32 copy of `t` `(heads, n, dim)`, row-major.
+/// Host f32 copy of `t` `(heads, n, dim)`, row-major (only after
+/// [`SeqLayerStore::host_read_check`]).
 fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?
@@ -123,12 +165,19 @@ pub struct SeqLayerStore {
     /// Sequence position of each staged row.
     staged_positions: Vec<u32>,
     chunks: Vec<Arc<QuantChunk>>,
+    path: QuantPath,
 }
 
 impl SeqLayerStore {
     pub fn new(config: LogQuantConfig) -> Self {
+        Self::with_quant_path(config, QuantPath::Auto)
+    }
+
+    /// A store that quantizes on `path` (see [`QuantPath`]).
+    pub fn with_quant_path(config: LogQuantConfig, path: QuantPath) -> Self {
         Self {
             config,
+            path,
             selection: Selection::new(Policy::from_config(&config)),
             layout: None,
             full: None,
@@ -149,6 +198,29 @@ impl SeqLayerStore {
 
     pub fn layout(&self) -> Option<&RowLayout> {
         self.layout.as_ref()
+    }
+
+    pub fn quant_path(&self) -> QuantPath {
+        self.path
+    }
+
+    /// True if chunks are quantized and dequantized with candle ops on the rows' device and host
+    /// reads are refused: [`QuantPath::Device`], or any device other than the CPU.
+    pub fn on_device_path(&self) -> bool {
+        self.path == QuantPath::Device || self.layout.as_ref().is_some_and(|l| !l.device.is_cpu())
+    }
+
+    /// The hook every host-side read of tensor data in the store passes first: on the device
+    /// path it counts the attempt ([`device_path_host_reads`]) and refuses it.
+    pub fn host_read_check(&self, what: &str) -> Result<()> {
+        if self.on_device_path() {
+            DEVICE_PATH_HOST_READS.fetch_add(1, Ordering::Relaxed);
+            candle_core::bail!(
+                "logquant: host read of {what} on the device path (the store must stay on the \
+                 device)"
+            );
+        }
+        Ok(())
     }
 
     pub fn chunks(&self) -> &[Arc<QuantChunk>] {
@@ -236,11 +308,11 @@ impl SeqLayerStore {
         self.staged = Some(Rows::cat(self.staged.as_ref(), &leaving)?);
         self.staged_positions
             .extend(evicted.iter().map(|&i| extended_positions[i] as u32));
-        self.flush_staged(heads, dim)
+        self.flush_staged()
     }
 
     /// Quantize staged rows: all of them for per-token keys, whole groups for per-channel keys.
-    fn flush_staged(&mut self, heads: usize, dim: usize) -> Result<()> {
+    fn flush_staged(&mut self) -> Result<()> {
         let Some(staged) = self.staged.take() else {
             return Ok(());
         };
@@ -259,26 +331,19 @@ impl SeqLayerStore {
             KeyGrouping::PerToken => take,
             KeyGrouping::PerChannel => key_group,
         };
-        let value_grouping = Grouping::PerToken {
-            group: config.group_size,
-        };
-        let key_grouping = match config.key_grouping {
-            KeyGrouping::PerToken => Grouping::PerToken { group: key_group },
-            KeyGrouping::PerChannel => Grouping::PerChannel,
-        };
-        let quantize = if config.rotate {
-            QuantBlock::quantize_rotated
-        } else {
-            QuantBlock::quantize
-        };
-        let (key_bits, value_bits) = (config.key_bits(), config.value_bits());
+        let device_path = self.on_device_path();
         let mut start = 0;
         while start < take {
-            let k = host_f32(&staged.k.i((.., start..start + group_tokens, ..))?)?;
-            let v = host_f32(&staged.v.i((.., start..start + group_tokens, ..))?)?;
+            let k = staged.k.i((.., start..start + group_tokens, ..))?;
+            let v = staged.v.i((.., start..start + group_tokens, ..))?;
+            let (k, v) = if device_path {
+                self.quantize_on_device(&k, &v)?
+            } else {
+                self.quantize_on_host(&k, &v)?
+            };
             self.chunks.push(Arc::new(QuantChunk {
-                k: quantize(&k, heads, group_tokens, dim, key_bits, key_grouping),
-                v: quantize(&v, heads, group_tokens, dim, value_bits, value_grouping),
+                k,
+                v,
                 positions: self.staged_positions[start..start + group_tokens].to_vec(),
             }));
             start += group_tokens;
@@ -293,37 +358,104 @@ impl SeqLayerStore {
         Ok(())
     }
 
-    /// The quantized rows, dequantized to `(heads, n_quantized, dim)` f32 on the CPU.
-    pub fn dequantized(&self) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(first) = self.chunks.first() else {
-            return Ok(None);
+    /// How keys and values are grouped, with their widths: `(key, value)`.
+    fn encodings(&self) -> [(Grouping, u8); 2] {
+        let config = &self.config;
+        let key_grouping = match config.key_grouping {
+            KeyGrouping::PerToken => Grouping::PerToken {
+                group: config.key_group_size(),
+            },
+            KeyGrouping::PerChannel => Grouping::PerChannel,
         };
+        let value_grouping = Grouping::PerToken {
+            group: config.group_size,
+        };
+        [
+            (key_grouping, config.key_bits()),
+            (value_grouping, config.value_bits()),
+        ]
+    }
+
+    /// Quantize evicted rows `(heads, n, dim)` with candle ops on their device.
+    fn quantize_on_device(&self, k: &Tensor, v: &Tensor) -> Result<(PackedBlock, PackedBlock)> {
+        let [(kg, kb), (vg, vb)] = self.encodings();
+        Ok((
+            PackedBlock::quantize(k, kb, kg, self.config.rotate)?,
+            PackedBlock::quantize(v, vb, vg, self.config.rotate)?,
+        ))
+    }
+
+    /// Quantize evicted rows `(heads, n, dim)` with the scalar reference on the host (reads
+    /// them to the host: refused on the device path).
+    fn quantize_on_host(&self, k: &Tensor, v: &Tensor) -> Result<(PackedBlock, PackedBlock)> {
+        self.host_read_check("evicted rows")?;
+        let (heads, n, dim) = k.dims3()?;
+        let quantize = if self.config.rotate {
+            QuantBlock::quantize_rotated
+        } else {
+            QuantBlock::quantize
+        };
+        let [(kg, kb), (vg, vb)] = self.encodings();
+        let (host_k, host_v) = (host_f32(k)?, host_f32(v)?);
+        Ok((
+            PackedBlock::from_reference(quantize(&host_k, heads, n, dim, kb, kg), k.device())?,
+            PackedBlock::from_reference(quantize(&host_v, heads, n, dim, vb, vg), v.device())?,
+        ))
+    }
+
+    /// The quantized rows, dequantized to `(heads, n_quantized, dim)` f32 on the rows' device:
+    /// candle ops on the device path, the scalar reference over the tensors' bytes otherwise.
+    pub fn dequantized(&self) -> Result<Option<(Tensor, Tensor)>> {
+        if self.chunks.is_empty() {
+            return Ok(None);
+        }
+        if self.on_device_path() {
+            let ks: Vec<&PackedBlock> = self.chunks.iter().map(|c| &c.k).collect();
+            let vs: Vec<&PackedBlock> = self.chunks.iter().map(|c| &c.v).collect();
+            return Ok(Some((dequantize_blocks(&ks)?, dequantize_blocks(&vs)?)));
+        }
+        self.dequantized_on_host().map(Some)
+    }
+
+    /// The host path of [`SeqLayerStore::dequantized`] (CPU tensors, read in place: refused on
+    /// the device path).
+    fn dequantized_on_host(&self) -> Result<(Tensor, Tensor)> {
+        self.host_read_check("quantized chunks")?;
+        let first = &self.chunks[0];
         let (heads, dim) = (first.k.heads, first.k.dim);
         let tokens = self.quantized_tokens();
         let mut k = vec![0f32; heads * tokens * dim];
         let mut v = vec![0f32; heads * tokens * dim];
         // Blocks are [head][token][dim]; the output interleaves them per head.
         let mut offset = 0;
-        let mut buf_k = Vec::new();
-        let mut buf_v = Vec::new();
+        let mut buf = Vec::new();
         for chunk in &self.chunks {
             let n = chunk.tokens();
-            buf_k.resize(heads * n * dim, 0.0);
-            buf_v.resize(heads * n * dim, 0.0);
-            chunk.k.dequantize_into(&mut buf_k);
-            chunk.v.dequantize_into(&mut buf_v);
-            for h in 0..heads {
-                let dst = (h * tokens + offset) * dim;
-                let src = h * n * dim;
-                k[dst..dst + n * dim].copy_from_slice(&buf_k[src..src + n * dim]);
-                v[dst..dst + n * dim].copy_from_slice(&buf_v[src..src + n * dim]);
+            buf.resize(heads * n * dim, 0.0);
+            for (block, out) in [(&chunk.k, &mut k), (&chunk.v, &mut v)] {
+                let guard = block.cpu_bytes()?;
+                let bytes = guard.bytes()?;
+                let shape = BlockShape {
+                    heads: bytes.heads,
+                    tokens: bytes.tokens,
+                    dim: bytes.dim,
+                    bits: bytes.bits,
+                    grouping: bytes.grouping,
+                    rotated: bytes.rotated,
+                };
+                dequantize_rows(bytes.codes, bytes.params, shape, &mut buf);
+                for h in 0..heads {
+                    let dst = (h * tokens + offset) * dim;
+                    let src = h * n * dim;
+                    out[dst..dst + n * dim].copy_from_slice(&buf[src..src + n * dim]);
+                }
             }
             offset += n;
         }
-        Ok(Some((
+        Ok((
             Tensor::from_vec(k, (heads, tokens, dim), &Device::Cpu)?,
             Tensor::from_vec(v, (heads, tokens, dim), &Device::Cpu)?,
-        )))
+        ))
     }
 
     /// Sequence position of each row of the layout `[quantized | staged | full precision]`.
@@ -388,5 +520,47 @@ impl SeqLayerStore {
             return Ok(None);
         }
         Ok(Some((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LogQuantConfig {
+        LogQuantConfig {
+            window: 4,
+            group_size: 16,
+            ..LogQuantConfig::default()
+        }
+    }
+
+    fn rows(n: usize) -> Tensor {
+        let data: Vec<f32> = (0..2 * n * 32).map(|i| (i as f32 * 0.61).sin()).collect();
+        Tensor::from_vec(data, (2, n, 32), &Device::Cpu).unwrap()
+    }
+
+    /// The hook: on the device path every host-side routine of the store is refused and
+    /// counted; the device routines run and count nothing. (The counter is process-wide, so
+    /// this test only checks that it grows; `tests/device_store.rs` checks that it stays 0.)
+    #[test]
+    fn host_routines_are_refused_and_counted_on_the_device_path() {
+        let mut store = SeqLayerStore::with_quant_path(config(), QuantPath::Device);
+        let x = rows(40);
+        store.admit(&x, &x).unwrap();
+        assert!(store.on_device_path() && !store.chunks().is_empty());
+        assert!(store.dequantized().unwrap().is_some());
+        let before = device_path_host_reads();
+        let err = store.dequantized_on_host().unwrap_err();
+        assert!(err.to_string().contains("host read"), "{err}");
+        let staged = rows(16);
+        assert!(store.quantize_on_host(&staged, &staged).is_err());
+        assert!(device_path_host_reads() >= before + 2);
+        // The host path on the CPU passes the hook.
+        let mut host = SeqLayerStore::new(config());
+        host.admit(&x, &x).unwrap();
+        assert!(!host.on_device_path());
+        host.host_read_check("rows").unwrap();
+        assert!(host.dequantized_on_host().is_ok());
     }
 }

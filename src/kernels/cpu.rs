@@ -1,6 +1,8 @@
 //! Fused decode attention on the CPU over the packed cache: scores and values are computed from
 //! the 2/3/4/8-bit codes, scales and minimums directly; no dequantized copy of the cache is built.
-//! Keys and values may have different widths (each block carries its own).
+//! Keys and values may have different widths (each block carries its own). The codes and
+//! scales are the CPU tensors' own storage ([`crate::packed::PackedBlock::cpu_bytes`]: read
+//! locks for the call, no copy).
 //!
 //! With per-token groups (scale `s`, minimum `m` over channels `g` of one token):
 //!
@@ -17,7 +19,7 @@
 //! Values are per-token groups: `sum_t p_t v_hat_t[c] = sum_t (p_t s_tg) codes_t[c] + sum_t p_t m_tg`.
 //! Softmax is exact (all scores kept, max subtracted) in f32, whatever the activation dtype.
 //!
-//! Rotated blocks (`QuantBlock::rotated`, rows stored as `R x` with `R = H / sqrt(dim)`
+//! Rotated blocks (`PackedBlock::rotated`, rows stored as `R x` with `R = H / sqrt(dim)`
 //! orthogonal and symmetric): keys are scored with the rotated query `R q`, since
 //! `(R q) . (R k) = q . k`; a span's weighted sum of rotated values is rotated back once per
 //! query row (`R` is its own inverse) before the spans are merged, which is linear.
@@ -34,7 +36,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::quant::{Grouping, QuantBlock};
+use crate::packed::{BlockBytes, CpuBlockGuard};
+use crate::quant::Grouping;
 use crate::store::SeqLayerStore;
 
 /// Instruction-set tier of the kernel's inner loops.
@@ -472,9 +475,15 @@ struct Partial {
     out: Vec<f32>,
 }
 
+/// The bytes of one quantized chunk's keys and values, borrowed from its CPU tensors.
+struct ChunkBytes<'a> {
+    k: BlockBytes<'a>,
+    v: BlockBytes<'a>,
+}
+
 /// Everything one task reads.
 struct SpanTask<'a> {
-    store: &'a SeqLayerStore,
+    chunks: &'a [ChunkBytes<'a>],
     dense: &'a [DenseRows],
     head: usize,
     /// `[row][dim]` queries of this kv head: its query heads times the chunk's positions.
@@ -490,7 +499,7 @@ struct SpanTask<'a> {
 /// Unpack rows `start..end` of `head` of `block` into `out` (`[token][dim]`, codes as f32).
 #[inline(always)]
 fn unpack_span<const FMA: bool>(
-    block: &QuantBlock,
+    block: &BlockBytes<'_>,
     head: usize,
     (start, end): (usize, usize),
     out: &mut Vec<f32>,
@@ -553,7 +562,7 @@ fn weighted_rows<const FMA: bool>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn block_scores<const FMA: bool>(
-    block: &QuantBlock,
+    block: &BlockBytes<'_>,
     head: usize,
     (start, end): (usize, usize),
     queries: &[f32],
@@ -614,7 +623,7 @@ fn block_scores<const FMA: bool>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn block_values<const FMA: bool>(
-    block: &QuantBlock,
+    block: &BlockBytes<'_>,
     head: usize,
     (start, end): (usize, usize),
     probs: &[f32],
@@ -661,7 +670,7 @@ fn block_values<const FMA: bool>(
 #[inline(always)]
 fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
     let SpanTask {
-        store,
+        chunks,
         dense,
         head,
         queries,
@@ -682,10 +691,10 @@ fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
     let mut codes = CODES.with(|c| std::mem::take(&mut *c.borrow_mut()));
     match span.source {
         Source::Quant { chunk } => block_scores::<FMA>(
-            &store.chunks()[chunk].k,
+            &chunks[chunk].k,
             head,
             range,
-            if store.chunks()[chunk].k.rotated {
+            if chunks[chunk].k.rotated {
                 rotated_queries
             } else {
                 queries
@@ -729,7 +738,7 @@ fn attend_span<const FMA: bool>(task: &SpanTask<'_>) -> Partial {
     let mut out = vec![0f32; query_rows * dim];
     match span.source {
         Source::Quant { chunk } => {
-            let block = &store.chunks()[chunk].v;
+            let block = &chunks[chunk].v;
             block_values::<FMA>(
                 block, head, range, &scores, query_rows, &mut out, &mut codes,
             );
@@ -892,6 +901,32 @@ pub fn attend_with(
             Ok(parts)
         })
         .collect::<Result<_>>()?;
+    // The chunks' bytes, read in place: read locks on their CPU storage for this call.
+    let guards: Vec<Vec<[CpuBlockGuard<'_>; 2]>> = rows
+        .iter()
+        .map(|row| {
+            if row.on_device_path() {
+                candle_core::bail!("fused attention over a store on the device path");
+            }
+            row.chunks()
+                .iter()
+                .map(|c| Ok([c.k.cpu_bytes()?, c.v.cpu_bytes()?]))
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    let chunk_bytes: Vec<Vec<ChunkBytes<'_>>> = guards
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|[k, v]| {
+                    Ok(ChunkBytes {
+                        k: k.bytes()?,
+                        v: v.bytes()?,
+                    })
+                })
+                .collect()
+        })
+        .collect::<Result<_>>()?;
     let span_tokens = plan.span_tokens.max(1);
     let per_head = query_rows * dim;
     let row_spans: Vec<Vec<Span>> = rows
@@ -899,19 +934,19 @@ pub fn attend_with(
         .zip(&dense)
         .map(|(store, dense)| spans(store, dense, span_tokens))
         .collect();
-    let tasks: Vec<SpanTask<'_>> = rows
+    let tasks: Vec<SpanTask<'_>> = chunk_bytes
         .iter()
         .zip(&dense)
         .zip(&row_spans)
         .enumerate()
-        .flat_map(|(bi, ((store, dense), spans))| {
+        .flat_map(|(bi, ((chunks, dense), spans))| {
             let (qf, qf_rotated) = (&qf, &qf_rotated);
             (0..kv_heads).flat_map(move |h| {
                 let first = (bi * kv_heads + h) * per_head;
                 let queries = &qf[first..first + per_head];
                 let rotated_queries = qf_rotated.get(first..first + per_head).unwrap_or(&[]);
                 spans.iter().map(move |&span| SpanTask {
-                    store,
+                    chunks,
                     dense,
                     head: h,
                     queries,
