@@ -71,14 +71,23 @@ impl CustomLogitsProcessor for GreedyChooser {
     }
 }
 
-/// Send one completion request for `prompt` and wait for it to finish.
-pub(crate) async fn run_request(
+/// A completion request in the engine's queue; [`Submitted::finish`] waits for it.
+pub struct Submitted {
+    responses: tokio::sync::mpsc::Receiver<Response>,
+    engine: tokio::sync::mpsc::Sender<Request>,
+}
+
+/// Put one completion request for `prompt` into the engine's queue, `processor` shaping each
+/// step's logits, and return once it is queued. The engine reads its queue only between
+/// steps, so requests queued while it is inside a step are all admitted at its next
+/// scheduling pass.
+pub async fn submit(
     engine: &MistralRs,
     prompt: Vec<u32>,
     max_new: usize,
     processor: Arc<dyn CustomLogitsProcessor>,
-) -> Result<()> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+) -> Result<Submitted> {
+    let (tx, responses) = tokio::sync::mpsc::channel(16);
     let mut sampling = SamplingParams::deterministic();
     sampling.max_len = Some(max_new);
     let request = NormalRequest {
@@ -98,22 +107,55 @@ pub(crate) async fn run_request(
         model_id: None,
         truncate_sequence: false,
     };
+    let engine = engine.get_sender(None).context("engine has no model")?;
     engine
-        .get_sender(None)
-        .context("engine has no model")?
         .send(Request::Normal(Box::new(request)))
         .await
         .context("engine stopped")?;
-    loop {
-        match rx.recv().await.context("engine dropped the request")? {
-            Response::CompletionDone(_) => return Ok(()),
-            Response::CompletionChunk(_) => continue,
-            Response::CompletionModelError(msg, _) => bail!("model error: {msg}"),
-            Response::InternalError(e) => bail!("engine error: {e}"),
-            Response::ValidationError(e) => bail!("invalid request: {e}"),
-            other => bail!("unexpected response: {:?}", std::mem::discriminant(&other)),
+    Ok(Submitted { responses, engine })
+}
+
+impl Submitted {
+    /// Wait until the request has finished and the engine has released its sequence (so that
+    /// [`kv_cache_usage`] already counts it as finished). Except for a request that ends at
+    /// its first token: mistral.rs 0.8.1 marks every sequence running again after its prompt
+    /// step (`engine/mod.rs`), so such a sequence runs one more step, whenever the engine next
+    /// steps, before it is released.
+    pub async fn finish(mut self) -> Result<()> {
+        loop {
+            match self
+                .responses
+                .recv()
+                .await
+                .context("engine dropped the request")?
+            {
+                Response::CompletionDone(_) => break,
+                Response::CompletionChunk(_) => continue,
+                Response::CompletionModelError(msg, _) => bail!("model error: {msg}"),
+                Response::InternalError(e) => bail!("engine error: {e}"),
+                Response::ValidationError(e) => bail!("invalid request: {e}"),
+                other => bail!("unexpected response: {:?}", std::mem::discriminant(&other)),
+            }
         }
+        // The engine answers in the middle of a step and releases the step's finished
+        // sequences at its end; it reads requests only between steps. So a request sent now is
+        // answered after that release.
+        tokenize_with(&self.engine, "").await?;
+        Ok(())
     }
+}
+
+/// Send one completion request for `prompt` and wait for it to finish (see [`submit`]).
+pub(crate) async fn run_request(
+    engine: &MistralRs,
+    prompt: Vec<u32>,
+    max_new: usize,
+    processor: Arc<dyn CustomLogitsProcessor>,
+) -> Result<()> {
+    submit(engine, prompt, max_new, processor)
+        .await?
+        .finish()
+        .await
 }
 
 /// Greedy generation of exactly `max_new` tokens after `prompt`, never choosing a `suppressed`
@@ -124,13 +166,10 @@ pub async fn generate_greedy(
     max_new: usize,
     suppressed: &[u32],
 ) -> Result<Vec<u32>> {
-    Ok(
-        generate_greedy_with_margins(engine, prompt, max_new, suppressed)
-            .await?
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect(),
-    )
+    submit_greedy(engine, prompt, max_new, suppressed)
+        .await?
+        .tokens()
+        .await
 }
 
 /// [`generate_greedy`], with each step's margin: the chosen logit minus the runner-up's. A
@@ -141,23 +180,68 @@ pub async fn generate_greedy_with_margins(
     max_new: usize,
     suppressed: &[u32],
 ) -> Result<Vec<(u32, f32)>> {
+    submit_greedy(engine, prompt, max_new, suppressed)
+        .await?
+        .tokens_with_margins()
+        .await
+}
+
+/// A [`generate_greedy`] request in the engine's queue (see [`submit`]).
+pub struct GreedyRequest {
+    submitted: Submitted,
+    chooser: Arc<GreedyChooser>,
+    max_new: usize,
+}
+
+/// Queue a [`generate_greedy`] request and return once it is queued; its tokens come from
+/// [`GreedyRequest::tokens`].
+pub async fn submit_greedy(
+    engine: &MistralRs,
+    prompt: Vec<u32>,
+    max_new: usize,
+    suppressed: &[u32],
+) -> Result<GreedyRequest> {
     let chooser = Arc::new(GreedyChooser {
         suppressed: suppressed.iter().copied().collect(),
         chosen: Mutex::new(Vec::with_capacity(max_new)),
     });
-    run_request(engine, prompt, max_new, chooser.clone()).await?;
-    let chosen = chooser
-        .chosen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    if chosen.len() != max_new {
-        bail!(
-            "asked for {max_new} tokens, the engine generated {}",
-            chosen.len()
-        );
+    let submitted = submit(engine, prompt, max_new, chooser.clone()).await?;
+    Ok(GreedyRequest {
+        submitted,
+        chooser,
+        max_new,
+    })
+}
+
+impl GreedyRequest {
+    /// The generated tokens, once the request has finished.
+    pub async fn tokens(self) -> Result<Vec<u32>> {
+        Ok(self
+            .tokens_with_margins()
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
     }
-    Ok(chosen)
+
+    /// The generated tokens with their margins (see [`generate_greedy_with_margins`]).
+    pub async fn tokens_with_margins(self) -> Result<Vec<(u32, f32)>> {
+        self.submitted.finish().await?;
+        let chosen = self
+            .chooser
+            .chosen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if chosen.len() != self.max_new {
+            bail!(
+                "asked for {} tokens, the engine generated {}",
+                self.max_new,
+                chosen.len()
+            );
+        }
+        Ok(chosen)
+    }
 }
 
 /// What one teacher-forced step saw.
@@ -261,17 +345,14 @@ pub async fn score_teacher_forced_with_progress(
 }
 
 /// Usage of the next sequence to finish after `finished_before` sequences had finished (see
-/// [`kv_cache_usage`]): the engine releases a sequence just after answering it, so this waits
-/// up to two seconds for the release.
+/// [`kv_cache_usage`]). Every request of this module returns only after the engine has
+/// released its sequence ([`Submitted::finish`]; one that ended at its first token is the
+/// exception), so the record is read once, no waiting; `None` if no sequence finished since.
 pub async fn usage_of_next_finished(finished_before: usize) -> Option<LayerUsage> {
-    for _ in 0..200 {
-        let usage = kv_cache_usage();
-        if usage.finished_sequences > finished_before {
-            return usage.last_finished;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    None
+    let usage = kv_cache_usage();
+    (usage.finished_sequences > finished_before)
+        .then_some(usage.last_finished)
+        .flatten()
 }
 
 /// Number of sequences finished so far (for [`usage_of_next_finished`]).
@@ -281,6 +362,18 @@ pub fn finished_sequences() -> usize {
 
 /// Token ids of `text` (no special tokens added).
 pub async fn tokenize(engine: &MistralRs, text: &str) -> Result<Vec<u32>> {
+    tokenize_with(
+        &engine.get_sender(None).context("engine has no model")?,
+        text,
+    )
+    .await
+}
+
+/// [`tokenize`] through the engine's request queue `engine`.
+async fn tokenize_with(
+    engine: &tokio::sync::mpsc::Sender<Request>,
+    text: &str,
+) -> Result<Vec<u32>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let request = TokenizationRequest {
         text: Either::Right(text.to_string()),
@@ -292,8 +385,6 @@ pub async fn tokenize(engine: &MistralRs, text: &str) -> Result<Vec<u32>> {
         response: tx,
     };
     engine
-        .get_sender(None)
-        .context("engine has no model")?
         .send(Request::Tokenize(request))
         .await
         .context("engine stopped")?;

@@ -11,7 +11,7 @@ mod common;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Result, Tensor};
 use common::*;
@@ -19,8 +19,11 @@ use mistralrs_core::kv_cache_backend::{
     register_kv_cache_backend, AttentionParams, EngineAttention, KvCacheBackend,
     KvCacheBackendFactory, LayerUsage,
 };
+use mistralrs_core::{CustomLogitsProcessor, MistralRs};
 use mistralrs_logquant::engine::KvCacheChoice;
-use mistralrs_logquant::generate::{finished_sequences, generate_greedy, usage_of_next_finished};
+use mistralrs_logquant::generate::{
+    finished_sequences, generate_greedy, submit, submit_greedy, usage_of_next_finished,
+};
 use mistralrs_logquant::passthrough::PassthroughCache;
 
 const NEW_TOKENS: usize = 64;
@@ -157,8 +160,65 @@ fn register_probes() {
     }));
 }
 
-/// Greedy tokens for each prompt: one request at a time, then each group of prompts sent
-/// concurrently.
+/// Holds the engine inside one step: the logits processor of a short request, which the
+/// engine runs inside its step, reports that it was entered and then waits until the test
+/// opens it (or drops the key, so a failing test never leaves the engine stuck).
+struct Gate {
+    entered: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    open: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl CustomLogitsProcessor for Gate {
+    fn apply(&self, logits: &Tensor, _context: &[u32]) -> Result<Tensor> {
+        if let Some(entered) = self.entered.lock().unwrap().take() {
+            let _ = entered.send(());
+        }
+        let _ = self.open.lock().unwrap().recv();
+        Ok(logits.clone())
+    }
+}
+
+/// Greedy tokens for `prompts`, all waiting for the same scheduling pass of the engine: they
+/// are queued while a [`Gate`] holds the engine inside a step, and the engine reads its queue
+/// only between steps. So every run sees the same schedule; no timing is involved.
+async fn generate_together(
+    engine: &MistralRs,
+    prompts: Vec<Vec<u32>>,
+    suppressed: &[u32],
+) -> Vec<Vec<u32>> {
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (key, open) = std::sync::mpsc::channel();
+    let gate = Arc::new(Gate {
+        entered: Mutex::new(Some(entered_tx)),
+        open: Mutex::new(open),
+    });
+    // Two tokens: a request that ends at its first token is released a step late (see
+    // `generate::Submitted::finish`).
+    let gate_request = submit(engine, prompts[0][..1].to_vec(), 2, gate)
+        .await
+        .expect("gate request");
+    entered.await.expect("the engine ran the gate's step");
+    let mut queued = Vec::new();
+    for prompt in prompts {
+        queued.push(
+            submit_greedy(engine, prompt, NEW_TOKENS, suppressed)
+                .await
+                .expect("queue"),
+        );
+    }
+    // Open the gate, and keep it open: dropping the key lets any later call through.
+    key.send(()).expect("the gate is waiting");
+    drop(key);
+    gate_request.finish().await.expect("gate request");
+    let mut tokens = Vec::new();
+    for request in futures::future::join_all(queued.into_iter().map(|r| r.tokens())).await {
+        tokens.push(request.expect("generate"));
+    }
+    tokens
+}
+
+/// Greedy tokens for each prompt: one request at a time, then each group of prompts admitted
+/// together ([`generate_together`]).
 async fn run_all(
     cache: KvCacheChoice,
     prompts: &[Vec<u32>],
@@ -174,26 +234,14 @@ async fn run_all(
                 .expect("generate"),
         );
     }
-    let mut concurrent = vec![Vec::new(); prompts.len()];
     // Batch composition changes floating-point results (GEMMs round differently with the
-    // batch size), so both caches must see the same schedule. The engine tokenizes inline in
-    // its loop: a large tokenization keeps it busy while the group is sent, and the group is
-    // then admitted in one iteration, whatever the timing.
-    let blocker = passages().join(" ").repeat(2000);
+    // batch size), so every cache must see the same schedule: each group is admitted at once.
+    let mut concurrent = vec![Vec::new(); prompts.len()];
     for group in groups {
-        let busy = mistralrs_logquant::generate::tokenize(&engine, &blocker);
-        let group_requests =
-            async {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                futures::future::join_all(group.iter().map(|&i| {
-                    generate_greedy(&engine, prompts[i].clone(), NEW_TOKENS, &suppressed)
-                }))
-                .await
-            };
-        let (busy, results) = tokio::join!(busy, group_requests);
-        busy.expect("blocker");
-        for (&i, result) in group.iter().zip(results) {
-            concurrent[i] = result.expect("generate");
+        let group_prompts = group.iter().map(|&i| prompts[i].clone()).collect();
+        let results = generate_together(&engine, group_prompts, &suppressed).await;
+        for (&i, tokens) in group.iter().zip(results) {
+            concurrent[i] = tokens;
         }
     }
     (single, concurrent)
