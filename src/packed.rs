@@ -223,6 +223,7 @@ impl PackedBlock {
             candle_core::bail!("logquant: rotation needs a power-of-two dim, not {dim}");
         }
         let c = consts(x.device())?;
+        DEVICE_QUANTIZATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut x = x.to_dtype(DType::F32)?.contiguous()?;
         if rotate {
             x = hadamard_rows(&x)?;
@@ -573,9 +574,56 @@ fn consts(device: &Device) -> Result<Arc<Consts>> {
     if let Some(c) = cache.iter().find(|c| c.device.same_device(device)) {
         return Ok(c.clone());
     }
+    note_upload();
     let c = Arc::new(Consts::new(device)?);
     cache.push(c.clone());
     Ok(c)
+}
+
+/// `0, 1, .., end - 1` as u32 on `device`: a slice of a cached tensor that grows by doubling,
+/// so building position indices uploads nothing per step.
+pub fn arange_u32(device: &Device, end: usize) -> Result<Tensor> {
+    static CACHE: Mutex<Vec<Tensor>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = cache.iter().position(|t| t.device().same_device(device));
+    if let Some(t) = slot
+        .map(|i| &cache[i])
+        .filter(|t| t.dim(0).is_ok_and(|n| n >= end))
+    {
+        return t.narrow(0, 0, end);
+    }
+    note_upload();
+    let capacity = end.next_power_of_two().max(4096);
+    let t = Tensor::arange(0u32, capacity as u32, device)?;
+    match slot {
+        Some(i) => cache[i] = t.clone(),
+        None => cache.push(t.clone()),
+    }
+    t.narrow(0, 0, end)
+}
+
+static DEVICE_QUANTIZATIONS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Blocks quantized with candle ops ([`PackedBlock::quantize`]) in this process: shows which
+/// path an engine took.
+pub fn device_quantizations() -> usize {
+    DEVICE_QUANTIZATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+thread_local! {
+    static UPLOADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Count one host-to-device upload made for the cache on this thread (constants, position
+/// indices): [`uploads_on_this_thread`] lets tests check that a decode step makes none.
+pub fn note_upload() {
+    UPLOADS.with(|u| u.set(u.get() + 1));
+}
+
+/// Uploads counted by [`note_upload`] on the calling thread so far.
+pub fn uploads_on_this_thread() -> usize {
+    UPLOADS.with(|u| u.get())
 }
 
 #[cfg(test)]

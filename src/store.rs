@@ -16,12 +16,12 @@
 //! ([`SeqLayerStore::host_read_check`], counted by [`device_path_host_reads`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 use crate::config::{KeyGrouping, LogQuantConfig};
-use crate::packed::{dequantize_blocks, PackedBlock};
+use crate::packed::{arange_u32, dequantize_blocks, note_upload, PackedBlock};
 use crate::policy::{Policy, Selection};
 use crate::quant::{dequantize_rows, BlockShape, Grouping, QuantBlock};
 
@@ -166,6 +166,12 @@ pub struct SeqLayerStore {
     staged_positions: Vec<u32>,
     chunks: Vec<Arc<QuantChunk>>,
     path: QuantPath,
+    /// Position order on the device path: `(len, index)` where `len` is the cache length right
+    /// after the last eviction and `index`, built on first use, gives the layout row of each
+    /// position below `len`. Rows appended since sit at the end of the layout with row ==
+    /// position, so the index of the whole cache is `index` followed by `len..`: no upload per
+    /// step. Shared by clones until one of them evicts.
+    order: (usize, Arc<OnceLock<Tensor>>),
 }
 
 impl SeqLayerStore {
@@ -184,6 +190,7 @@ impl SeqLayerStore {
             staged: None,
             staged_positions: Vec::new(),
             chunks: Vec::new(),
+            order: (0, Arc::new(OnceLock::new())),
         }
     }
 
@@ -308,6 +315,7 @@ impl SeqLayerStore {
         self.staged = Some(Rows::cat(self.staged.as_ref(), &leaving)?);
         self.staged_positions
             .extend(evicted.iter().map(|&i| extended_positions[i] as u32));
+        self.order = (self.len(), Arc::new(OnceLock::new()));
         self.flush_staged()
     }
 
@@ -488,19 +496,55 @@ impl SeqLayerStore {
         let Some((k, v)) = self.materialize(dtype, device)? else {
             return Ok(None);
         };
-        let layout = self.layout_positions();
-        if layout.iter().enumerate().all(|(i, &p)| p as usize == i) {
-            return Ok(Some((k, v)));
-        }
-        let mut row_of_position = vec![0u32; layout.len()];
-        for (row, &position) in layout.iter().enumerate() {
-            row_of_position[position as usize] = row as u32;
-        }
-        let index = Tensor::from_vec(row_of_position, layout.len(), device)?;
+        let same_device = self
+            .layout
+            .as_ref()
+            .is_some_and(|l| l.device.same_device(device));
+        let index = if self.on_device_path() && same_device {
+            let (evicted_at, base) = &self.order;
+            if *evicted_at == 0 {
+                // Nothing ever left full precision: the layout is position order.
+                return Ok(Some((k, v)));
+            }
+            let base = match base.get() {
+                Some(base) => base.clone(),
+                None => {
+                    note_upload();
+                    let built =
+                        Tensor::from_vec(self.row_of_position(*evicted_at), *evicted_at, device)?;
+                    base.get_or_init(|| built).clone()
+                }
+            };
+            let len = self.len();
+            if len == *evicted_at {
+                base
+            } else {
+                let tail = arange_u32(device, len)?.narrow(0, *evicted_at, len - evicted_at)?;
+                Tensor::cat(&[&base, &tail], 0)?
+            }
+        } else {
+            let layout = self.layout_positions();
+            if layout.iter().enumerate().all(|(i, &p)| p as usize == i) {
+                return Ok(Some((k, v)));
+            }
+            Tensor::from_vec(self.row_of_position(layout.len()), layout.len(), device)?
+        };
         Ok(Some((
             k.index_select(&index, 1)?,
             v.index_select(&index, 1)?,
         )))
+    }
+
+    /// The layout row of each position below `len` (host bookkeeping, no tensor data; rows
+    /// from `len` on hold positions `len..`).
+    fn row_of_position(&self, len: usize) -> Vec<u32> {
+        let mut row_of_position = vec![0u32; len];
+        for (row, &position) in self.layout_positions().iter().enumerate() {
+            if (position as usize) < len {
+                row_of_position[position as usize] = row as u32;
+            }
+        }
+        row_of_position
     }
 
     /// The whole cache as `(heads, len, dim)` K and V in `dtype` on `device`, laid out

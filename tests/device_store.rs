@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::kv_cache_backend::{stock_attention, AttentionParams, KvCacheBackend};
 use mistralrs_logquant::backend::LogQuantCache;
 use mistralrs_logquant::config::{AttentionKernel, KeyGrouping, LogQuantConfig, PolicyKind};
+use mistralrs_logquant::packed::uploads_on_this_thread;
 use mistralrs_logquant::store::{device_path_host_reads, QuantPath};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -301,4 +302,58 @@ fn the_fused_kernel_refuses_device_path_stores() {
     let err = mistralrs_logquant::kernels::cpu::attend_decode(&q, device.rows(), SCALE)
         .expect_err("fused kernel over a device-path store");
     assert!(err.to_string().contains("device path"), "{err}");
+}
+
+/// No host transfer per step: after the first prefill (which uploads the device's constants
+/// once), decode steps upload nothing: through `append_and_attend` (layout order) not even at
+/// a compression; through `append` (position order every step) only the position index, once
+/// per compression. Uploads are counted on this thread ([`uploads_on_this_thread`]).
+#[test]
+fn decode_steps_upload_nothing_to_the_device() {
+    let config = LogQuantConfig {
+        window: 4,
+        group_size: 16,
+        kernel: AttentionKernel::Portable,
+        ..LogQuantConfig::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut attend = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
+    let mut append = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
+    let k = random(&mut rng, (1, KV_HEADS, 40, DIM));
+    let q = random(&mut rng, (1, Q_HEADS, 40, DIM));
+    attend
+        .append_and_attend(&q, &k, &k, Some(&causal(0, 40)), &params(), &engine)
+        .unwrap();
+    append.append(&k, &k).unwrap();
+    append
+        .append(&k.narrow(2, 0, 1).unwrap(), &k.narrow(2, 0, 1).unwrap())
+        .unwrap();
+    let quantized_before = append.usage().quantized_tokens;
+    let mut append_uploads = 0;
+    for step in 0..64 {
+        let q = random(&mut rng, (1, Q_HEADS, 1, DIM));
+        let k = random(&mut rng, (1, KV_HEADS, 1, DIM));
+        let before = uploads_on_this_thread();
+        attend
+            .append_and_attend(&q, &k, &k, None, &params(), &engine)
+            .unwrap();
+        assert_eq!(
+            uploads_on_this_thread(),
+            before,
+            "step {step}: append_and_attend uploaded"
+        );
+        let before = uploads_on_this_thread();
+        append.append(&k, &k).unwrap();
+        let uploads = uploads_on_this_thread() - before;
+        assert!(uploads <= 1, "step {step}: {uploads} uploads");
+        append_uploads += uploads;
+    }
+    // One position index per compression (W = 4 tokens leave full precision each time).
+    let compressions = (append.usage().quantized_tokens - quantized_before) / 4;
+    assert!(compressions >= 10, "{compressions} compressions");
+    assert!(
+        append_uploads <= compressions + 1,
+        "{append_uploads} uploads for {compressions} compressions"
+    );
+    assert_eq!(device_path_host_reads(), 0);
 }
