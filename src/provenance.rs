@@ -163,7 +163,10 @@ mod tests {
         assert_eq!(info.simd_tier, format!("{:?}", SimdTier::detected()));
         assert!(info.threads >= 1);
         assert!(!info.cpu.is_empty());
-        assert_eq!((info.weights.as_str(), info.device.as_str()), ("as-is", "cpu"));
+        assert_eq!(
+            (info.weights.as_str(), info.device.as_str()),
+            ("as-is", "cpu")
+        );
         // `auto` is decided from the file's header; a file that is not there is "unknown".
         options.weights = Weights::Auto;
         assert_eq!(RunInfo::collect(&options).weights, "unknown");

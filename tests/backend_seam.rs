@@ -3,7 +3,7 @@
 //! unselected engine is stock, byte counts match the analytic sizes, and a backend that refuses
 //! rewinds makes prefix-cache reuse skip instead of producing wrong output.
 //!
-//! The weights run as f32 ([`common::continuous_weights`]): batched and single decoding, and
+//! The weights run as f32 (`--weights auto` on the CPU): batched and single decoding, and
 //! runs whose batches formed differently, then differ by rounding only, which the Q4_1 path
 //! (8-bit activations) can turn into a different token.
 
@@ -253,7 +253,6 @@ fn first_difference(a: &[u32], b: &[u32]) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_backend_matches_the_default_cache_token_for_token() {
-    continuous_weights();
     register_probes();
     let tokenizer_engine = engine(KvCacheChoice::Default).await;
     let mut prompts = Vec::new();
@@ -332,7 +331,6 @@ async fn passthrough_backend_matches_the_default_cache_token_for_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_bytes_match_the_analytic_size_for_both_caches() {
-    continuous_weights();
     let prompt_len = 100;
     let new_tokens = 20;
     for cache in [KvCacheChoice::Default, KvCacheChoice::passthrough()] {
@@ -365,7 +363,6 @@ async fn cache_bytes_match_the_analytic_size_for_both_caches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_reuse_is_skipped_when_the_backend_refuses_to_rewind() {
-    continuous_weights();
     register_probes();
     let suppressed = suppressed();
     let first: Vec<u32> = (0..48u32).map(|i| 2000 + 7 * i).collect();

@@ -8,14 +8,6 @@ use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
 use mistralrs_logquant::generate::{special_token_ids, tokenize};
 use mistralrs_logquant::model_source::ModelSource;
 
-/// Run this process's SmolLM2 weights as f32 (candle's `CANDLE_DEQUANTIZE_ALL`, read when
-/// weights load): call it first in every test of a binary that compares runs token for token.
-/// With the shipped Q4_1 weights candle quantizes each matmul's activations to 8 bits, so a
-/// 1e-6 difference (a batched GEMM's rounding, another attention kernel) can flip a token.
-pub fn continuous_weights() {
-    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-}
-
 /// SmolLM2-135M-Instruct, fetched and verified on first use.
 pub fn model() -> ModelSource {
     ModelSource::default_model().expect("default model")
