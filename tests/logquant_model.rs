@@ -4,6 +4,7 @@
 //! default, fused vs portable) are in `continuous_model.rs`.
 
 mod common;
+mod spec;
 
 use common::*;
 use mistralrs_logquant::config::{KeyGrouping, LogQuantConfig};
@@ -65,11 +66,21 @@ async fn two_bit_default_setting_writes_fluent_text() {
     );
 }
 
-/// Bytes of a LogQuant cache (2-bit, G=64) on SmolLM2 from the engine's token counts: 3,600
-/// bytes per quantized token (30 layers x K and V x 3 heads x (64 two-bit codes + one 16-bit
-/// scale and min)), the activation dtype for full-precision and staged tokens.
+/// Bytes of a LogQuant cache (2-bit, G=64) on SmolLM2 from token counts: 3,600 bytes per
+/// quantized token (30 layers x K and V x 3 heads x (64 two-bit codes + one 16-bit scale and
+/// min)), the activation dtype for full-precision and staged tokens.
 fn analytic_bytes(quantized: usize, full_precision: usize, elem: usize) -> usize {
     quantized * 3600 + full_precision * smollm2_dense_bytes_per_token(elem)
+}
+
+/// Quantized and full-precision (selected or staged) token counts after a prefill of `prompt`
+/// tokens and one decode step under the default LogQuant (W=42, keys per channel in groups of
+/// 64 tokens), from the spec's rule: evicted tokens are quantized in whole key groups.
+fn spec_counts(prompt: usize) -> (usize, usize) {
+    let mut rule = spec::SpecSelection::new(spec::Rule::LogQuant { w: 42 });
+    let evicted = rule.admit(prompt).len() + rule.admit(1).len();
+    let quantized = evicted / 64 * 64;
+    (quantized, prompt + 1 - quantized)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,8 +96,12 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     let usage = usage_of_next_finished(finished).await.expect("usage");
     drop(lq);
     assert_eq!(usage.tokens, 4096);
-    let (q, f) = (usage.quantized_tokens, usage.full_precision_tokens);
-    assert_eq!(q + f, 4096);
+    let (q, f) = spec_counts(4095);
+    assert_eq!((q, f), (3968, 128));
+    assert_eq!(
+        (usage.quantized_tokens, usage.full_precision_tokens),
+        (q, f)
+    );
     assert_eq!(usage.bytes, analytic_bytes(q, f, 4), "{usage:?}");
     assert_eq!(usage.dense_bytes, 4096 * smollm2_dense_bytes_per_token(4));
     // A 16-bit model holds the same tokens the same way, with 2-byte full-precision rows.
@@ -118,11 +133,8 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     generate_greedy(&lq, short, 2, &suppressed).await.unwrap();
     let usage = usage_of_next_finished(finished).await.expect("usage");
     assert_eq!(usage.tokens, 512);
-    assert_eq!(
-        usage.bytes,
-        analytic_bytes(usage.quantized_tokens, usage.full_precision_tokens, 2),
-        "{usage:?}"
-    );
+    let (q, f) = spec_counts(511);
+    assert_eq!(usage.bytes, analytic_bytes(q, f, 2), "{usage:?}");
     assert_eq!(usage.dense_bytes, 512 * smollm2_dense_bytes_per_token(2));
 }
 

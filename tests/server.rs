@@ -1,5 +1,7 @@
 //! The real `mistralrs-logquant serve` binary on 127.0.0.1 (ephemeral port) with the real model,
 //! driven by a real OpenAI client library (async-openai) and raw HTTP for malformed input.
+//! Greedy replies are checked against the oracle [`direct_greedy`]: the same prompt through an
+//! engine built in this process, decoded by the crate's own greedy loop.
 
 mod common;
 
@@ -12,7 +14,12 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use async_openai::Client;
+use either::Either;
 use futures::StreamExt;
+use mistralrs::{Model, TextMessageRole, TextMessages};
+use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
+use mistralrs_logquant::generate::{detokenize, generate_greedy, special_token_ids};
+use mistralrs_logquant::model_source::ModelSource;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mistralrs-logquant");
 
@@ -119,13 +126,57 @@ fn chat_request(
         .unwrap()
 }
 
-/// Chat completions, plain and streamed, through the OpenAI client; returns both texts.
-async fn chat_both_ways(server: &Server) -> (String, String) {
+/// A prompt for the oracle: a user message through the model's chat template (as the server's
+/// chat endpoint applies it), or text (as its completions endpoint tokenizes it).
+enum Prompt<'a> {
+    Chat(&'a str),
+    Text(&'a str),
+}
+
+/// The oracle for a greedy reply of the server: the prompt through an engine built in this
+/// process by the crate (`build_engine`: the same model file and KV cache), `max_tokens` tokens
+/// of the crate's own greedy decoding (`generate_greedy`: argmax of each step's logits, special
+/// tokens never chosen), detokenized. It matches a served reply that stopped at the length
+/// limit; the HTTP layer, the OpenAI shaping and mistral.rs's sampler are not involved.
+async fn direct_greedy(
+    model: ModelSource,
+    cache: KvCacheChoice,
+    prompt: Prompt<'_>,
+    max_tokens: usize,
+) -> String {
+    let suppressed = special_token_ids(&model).unwrap();
+    let engine = build_engine(&EngineOptions::new(model, cache))
+        .await
+        .unwrap();
+    let tokenizer = Model::new(engine.clone());
+    let tokens = match prompt {
+        Prompt::Chat(text) => {
+            let messages = TextMessages::new().add_message(TextMessageRole::User, text);
+            tokenizer.tokenize(Either::Left(messages), None, true, true, None)
+        }
+        Prompt::Text(text) => {
+            tokenizer.tokenize(Either::Right(text.to_string()), None, true, false, None)
+        }
+    }
+    .await
+    .unwrap();
+    let reply = generate_greedy(&engine, tokens, max_tokens, &suppressed)
+        .await
+        .unwrap();
+    detokenize(&engine, reply).await.unwrap()
+}
+
+/// A greedy chat reply, plain and streamed, through the OpenAI client: both texts and the plain
+/// reply's finish reason.
+async fn chat_both_ways(
+    server: &Server,
+    prompt: &str,
+    max_tokens: u32,
+) -> (String, String, String) {
     let client = server.client();
-    let prompt = "Name three large rivers of Europe.";
     let response = client
         .chat()
-        .create(chat_request(prompt, 24))
+        .create(chat_request(prompt, max_tokens))
         .await
         .unwrap();
     let plain = response.choices[0]
@@ -133,9 +184,10 @@ async fn chat_both_ways(server: &Server) -> (String, String) {
         .content
         .clone()
         .unwrap_or_default();
+    let finish = serde_json::to_value(response.choices[0].finish_reason).unwrap();
     let mut stream = client
         .chat()
-        .create_stream(chat_request(prompt, 24))
+        .create_stream(chat_request(prompt, max_tokens))
         .await
         .unwrap();
     let mut streamed = String::new();
@@ -148,19 +200,37 @@ async fn chat_both_ways(server: &Server) -> (String, String) {
         }
     }
     assert!(chunks > 2, "stream had {chunks} chunks");
-    (plain, streamed)
+    (
+        plain,
+        streamed,
+        finish.as_str().unwrap_or_default().to_string(),
+    )
 }
 
+/// Both caches, plain and streamed, give the oracle's greedy reply ([`direct_greedy`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_client_gets_chat_completions_from_both_caches() {
+    let (prompt, max_tokens) = ("Name three large rivers of Europe.", 24);
     for cache in ["logquant", "default"] {
+        let want = direct_greedy(
+            common::model(),
+            cache.parse().unwrap(),
+            Prompt::Chat(prompt),
+            max_tokens,
+        )
+        .await;
         let server = Server::start(&["--kv-cache", cache]);
-        let (plain, streamed) = chat_both_ways(&server).await;
+        let (plain, streamed, finish) = chat_both_ways(&server, prompt, max_tokens as u32).await;
         eprintln!("{cache}: {plain:?}");
-        assert!(plain.split_whitespace().count() >= 3, "{cache}: {plain:?}");
+        // The oracle never stops early: the prompt is one whose reply runs to the limit.
+        assert_eq!(finish, "length", "{cache}: {plain:?}");
         assert_eq!(
-            plain, streamed,
-            "{cache}: streamed and plain greedy replies differ"
+            plain, want,
+            "{cache}: plain reply differs from the direct engine's"
+        );
+        assert_eq!(
+            streamed, want,
+            "{cache}: streamed reply differs from the direct engine's"
         );
         let models = server.get_json("/v1/models").await;
         assert!(!models["data"].as_array().unwrap().is_empty(), "{models}");
@@ -596,12 +666,30 @@ async fn the_server_answers_real_client_traffic_in_openais_shape() {
         .flat_map(|c| c.choices.iter())
         .map(|c| c.text.as_str())
         .collect();
-    assert_eq!(streamed, response.choices[0].text, "{body}");
     let finish = chunks
         .iter()
         .flat_map(|c| c.choices.iter())
         .find_map(|c| c.finish_reason);
     assert_eq!(serde_json::to_value(finish).unwrap(), "length", "{body}");
+    // Both are the oracle's greedy continuation of the prompt (mistral.rs trims a completion's
+    // leading space).
+    let want = direct_greedy(
+        ModelSource::Gguf(model.clone()),
+        "logquant".parse().unwrap(),
+        Prompt::Text(&prompt),
+        usage.completion_tokens as usize,
+    )
+    .await;
+    for (label, got) in [
+        ("plain", &response.choices[0].text),
+        ("streamed", &streamed),
+    ] {
+        assert_eq!(
+            got.trim_start(),
+            want.trim_start(),
+            "{label} completion differs from the direct engine's"
+        );
+    }
     server
         .still_serves("a streamed reply filling the context")
         .await;
