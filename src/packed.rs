@@ -23,9 +23,9 @@
 //!
 //! Small constants (tables, bounds) are uploaded once per device and cached; nothing here reads
 //! tensor data back to the host. On the CPU, [`PackedBlock::cpu_bytes`] lends the fused kernel
-//! the tensors' own bytes (a read lock on the storage, no copy).
+//! the tensors' own bytes (no copy, no lock).
 
-use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, D};
 use half::f16;
@@ -37,6 +37,10 @@ const ROUND_EVEN: f64 = 8_388_608.0;
 
 /// A block of `tokens` quantized rows for `heads` heads of `dim` channels, as tensors on one
 /// device. Same layout as [`QuantBlock`]: codes token-major, parameters `(scale, min)` pairs.
+///
+/// The tensors are private and never written after construction (no in-place op touches
+/// them): that is what lets [`PackedBlock::cpu_bytes`] lend a CPU block's storage without a
+/// lock or a copy.
 #[derive(Debug, Clone)]
 pub struct PackedBlock {
     pub heads: usize,
@@ -46,12 +50,29 @@ pub struct PackedBlock {
     pub grouping: Grouping,
     /// Rows were rotated by `H / sqrt(dim)` before quantizing.
     pub rotated: bool,
-    /// u8 `(heads, tokens, dim * bits / 8)`.
-    pub codes: Tensor,
-    /// f16 `(scale, min)` pairs: `(heads, tokens, dim / group, 2)` for per-token groups,
-    /// `(heads, dim, 2)` for per-channel groups.
-    pub params: Tensor,
+    /// u8 `(heads, tokens, dim * bits / 8)`, contiguous.
+    codes: Tensor,
+    /// f16 `(scale, min)` pairs, contiguous: `(heads, tokens, dim / group, 2)` for per-token
+    /// groups, `(heads, dim, 2)` for per-channel groups.
+    params: Tensor,
+    /// On the CPU: where the two tensors' elements live.
+    host: Option<HostView>,
 }
+
+/// Addresses of a CPU block's elements inside its tensors' storage, taken once when the block
+/// is built.
+#[derive(Debug, Clone, Copy)]
+struct HostView {
+    codes: *const u8,
+    codes_len: usize,
+    params: *const GroupParams,
+    params_len: usize,
+}
+
+// SAFETY: the addresses point into storage that the block's own tensors keep alive and that
+// nothing writes after construction (see `PackedBlock::cpu_bytes`); threads only read it.
+unsafe impl Send for HostView {}
+unsafe impl Sync for HostView {}
 
 /// A CPU block's bytes, borrowed from its tensors: what the fused kernel reads.
 #[derive(Debug, Clone, Copy)]
@@ -73,16 +94,21 @@ impl BlockBytes<'_> {
     pub fn row_bytes(&self) -> usize {
         packed_bytes(self.dim, self.bits)
     }
+
+    /// The shape and encoding, for [`crate::quant::dequantize_rows`].
+    pub fn shape(&self) -> crate::quant::BlockShape {
+        crate::quant::BlockShape {
+            heads: self.heads,
+            tokens: self.tokens,
+            dim: self.dim,
+            bits: self.bits,
+            grouping: self.grouping,
+            rotated: self.rotated,
+        }
+    }
 }
 
-/// Read locks on a CPU block's two storages; [`CpuBlockGuard::bytes`] lends their bytes.
-pub struct CpuBlockGuard<'a> {
-    block: &'a PackedBlock,
-    codes: (RwLockReadGuard<'a, Storage>, &'a Layout),
-    params: (RwLockReadGuard<'a, Storage>, &'a Layout),
-}
-
-/// The contiguous elements of a CPU tensor's storage, without a copy.
+/// The contiguous elements of a CPU tensor's storage.
 fn cpu_slice<'a, T: candle_core::WithDType>(
     storage: &'a Storage,
     layout: &Layout,
@@ -102,35 +128,58 @@ fn cpu_slice<'a, T: candle_core::WithDType>(
 const _: () = assert!(std::mem::size_of::<GroupParams>() == 2 * std::mem::size_of::<f16>());
 const _: () = assert!(std::mem::align_of::<GroupParams>() == std::mem::align_of::<f16>());
 
-impl CpuBlockGuard<'_> {
-    /// The block's codes and parameters as host slices (the tensors' own storage).
-    pub fn bytes(&self) -> Result<BlockBytes<'_>> {
-        let b = self.block;
-        let codes = cpu_slice::<u8>(&self.codes.0, self.codes.1, "codes")?;
-        let params = cpu_slice::<f16>(&self.params.0, self.params.1, "scales")?;
-        if codes.len() != b.heads * b.tokens * packed_bytes(b.dim, b.bits) || params.len() % 2 != 0
+impl PackedBlock {
+    /// A block over `codes` and `params` (made contiguous); on the CPU their storage's
+    /// addresses are noted for [`PackedBlock::cpu_bytes`].
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        (heads, tokens, dim): (usize, usize, usize),
+        bits: u8,
+        grouping: Grouping,
+        rotated: bool,
+        codes: Tensor,
+        params: Tensor,
+    ) -> Result<Self> {
+        let codes = codes.contiguous()?;
+        let params = params.contiguous()?;
+        let groups = match grouping {
+            Grouping::PerToken { group } => heads * tokens * (dim / group),
+            Grouping::PerChannel => heads * dim,
+        };
+        if codes.dtype() != DType::U8
+            || params.dtype() != DType::F16
+            || codes.elem_count() != heads * tokens * packed_bytes(dim, bits)
+            || params.elem_count() != 2 * groups
         {
             candle_core::bail!("logquant: a packed block's tensors do not match its shape");
         }
-        // SAFETY: see the assertions above `impl CpuBlockGuard`: same size and alignment, no
-        // padding, any bits valid; the length is halved.
-        let params = unsafe {
-            std::slice::from_raw_parts(params.as_ptr().cast::<GroupParams>(), params.len() / 2)
+        let host = if codes.device().is_cpu() {
+            let (storage, layout) = codes.storage_and_layout();
+            let c = cpu_slice::<u8>(&storage, layout, "codes")?;
+            let (storage_p, layout_p) = params.storage_and_layout();
+            let p = cpu_slice::<f16>(&storage_p, layout_p, "scales")?;
+            Some(HostView {
+                codes: c.as_ptr(),
+                codes_len: c.len(),
+                params: p.as_ptr().cast::<GroupParams>(),
+                params_len: p.len() / 2,
+            })
+        } else {
+            None
         };
-        Ok(BlockBytes {
-            heads: b.heads,
-            tokens: b.tokens,
-            dim: b.dim,
-            bits: b.bits,
-            grouping: b.grouping,
-            rotated: b.rotated,
+        Ok(Self {
+            heads,
+            tokens,
+            dim,
+            bits,
+            grouping,
+            rotated,
             codes,
             params,
+            host,
         })
     }
-}
 
-impl PackedBlock {
     /// The scalar reference's block as tensors on `device` (on the CPU, its vectors become the
     /// tensors' storage without a copy of the codes).
     pub fn from_reference(block: QuantBlock, device: &Device) -> Result<Self> {
@@ -140,21 +189,22 @@ impl PackedBlock {
             Grouping::PerToken { group } => vec![block.heads, block.tokens, block.dim / group, 2],
             Grouping::PerChannel => vec![block.heads, block.dim, 2],
         };
-        Ok(Self {
-            codes: Tensor::from_vec(
+        if !device.is_cpu() {
+            note_upload();
+        }
+        Self::new(
+            (block.heads, block.tokens, block.dim),
+            block.bits,
+            block.grouping,
+            block.rotated,
+            Tensor::from_vec(
                 block.codes,
                 (block.heads, block.tokens, row_bytes),
                 &Device::Cpu,
             )?
             .to_device(device)?,
-            params: Tensor::from_vec(params, params_shape, &Device::Cpu)?.to_device(device)?,
-            heads: block.heads,
-            tokens: block.tokens,
-            dim: block.dim,
-            bits: block.bits,
-            grouping: block.grouping,
-            rotated: block.rotated,
-        })
+            Tensor::from_vec(params, params_shape, &Device::Cpu)?.to_device(device)?,
+        )
     }
 
     /// A host copy in the reference's form (for tests and inspection; reads the device).
@@ -193,15 +243,32 @@ impl PackedBlock {
         self.codes.elem_count() + self.params.elem_count() * DType::F16.size_in_bytes()
     }
 
-    /// Read locks on a CPU block's storage (an error on another device).
-    pub fn cpu_bytes(&self) -> Result<CpuBlockGuard<'_>> {
-        if !self.device().is_cpu() {
+    /// A CPU block's codes and parameters, read in place from its tensors' storage (no lock,
+    /// no copy); an error on another device.
+    pub fn cpu_bytes(&self) -> Result<BlockBytes<'_>> {
+        let Some(h) = self.host else {
             candle_core::bail!("logquant: the fused kernel reads CPU blocks only");
-        }
-        Ok(CpuBlockGuard {
-            block: self,
-            codes: self.codes.storage_and_layout(),
-            params: self.params.storage_and_layout(),
+        };
+        // SAFETY: `h` was taken in `new` from the contiguous CPU storage of `self.codes` and
+        // `self.params`. Those tensors live as long as `self` (clones share them), are private
+        // to this module and never written in place, so the elements stay where they were and
+        // unchanged for the borrow of `self`. `GroupParams` has the size and alignment of two
+        // f16 (asserted above) and any bits are valid.
+        let (codes, params) = unsafe {
+            (
+                std::slice::from_raw_parts(h.codes, h.codes_len),
+                std::slice::from_raw_parts(h.params, h.params_len),
+            )
+        };
+        Ok(BlockBytes {
+            heads: self.heads,
+            tokens: self.tokens,
+            dim: self.dim,
+            bits: self.bits,
+            grouping: self.grouping,
+            rotated: self.rotated,
+            codes,
+            params,
         })
     }
 
@@ -253,16 +320,14 @@ impl PackedBlock {
             Grouping::PerToken { .. } => Tensor::cat(&[&scale, &min], 3)?,
             Grouping::PerChannel => Tensor::cat(&[&scale, &min], 1)?.transpose(1, 2)?,
         };
-        Ok(Self {
-            heads,
-            tokens,
-            dim,
+        Self::new(
+            (heads, tokens, dim),
             bits,
             grouping,
-            rotated: rotate,
-            codes: pack(&codes, bits, &c)?,
-            params: params.to_dtype(DType::F16)?.contiguous()?,
-        })
+            rotate,
+            pack(&codes, bits, &c)?,
+            params.to_dtype(DType::F16)?,
+        )
     }
 
     /// Reconstruct `(heads, tokens, dim)` f32 on the block's device (rotated back if the block
@@ -904,21 +969,31 @@ mod tests {
     #[test]
     fn cpu_bytes_are_the_reference_bytes_in_place() {
         let x: Vec<f32> = (0..2 * 3 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
-        let r = QuantBlock::quantize(&x, 2, 3, 16, 2, Grouping::PerToken { group: 8 });
-        let block = PackedBlock::from_reference(r.clone(), &Device::Cpu).unwrap();
-        let guard = block.cpu_bytes().unwrap();
-        let bytes = guard.bytes().unwrap();
-        assert_eq!(bytes.codes, r.codes.as_slice());
-        assert_eq!(bytes.params, r.params.as_slice());
-        // The slice is the tensor's storage, not a copy.
-        let (storage, _) = block.codes.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            unreachable!()
-        };
-        assert_eq!(
-            CpuStorage::as_slice::<u8>(cpu).unwrap().as_ptr(),
-            bytes.codes.as_ptr()
-        );
+        for grouping in [Grouping::PerToken { group: 8 }, Grouping::PerChannel] {
+            let r = QuantBlock::quantize(&x, 2, 3, 16, 2, grouping);
+            let block = PackedBlock::from_reference(r.clone(), &Device::Cpu).unwrap();
+            let copy = block.clone();
+            drop(block);
+            let bytes = copy.cpu_bytes().unwrap();
+            assert_eq!(bytes.codes, r.codes.as_slice());
+            assert_eq!(bytes.params, r.params.as_slice());
+            // The slices are the tensors' storage, not a copy.
+            for (t, ptr) in [
+                (&copy.codes, bytes.codes.as_ptr()),
+                (&copy.params, bytes.params.as_ptr().cast::<u8>()),
+            ] {
+                let (storage, _) = t.storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    unreachable!()
+                };
+                let start = match cpu {
+                    CpuStorage::U8(v) => v.as_ptr(),
+                    CpuStorage::F16(v) => v.as_ptr().cast::<u8>(),
+                    _ => unreachable!(),
+                };
+                assert_eq!(start, ptr);
+            }
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use crate::config::{KeyGrouping, LogQuantConfig};
 use crate::packed::{arange_u32, dequantize_blocks, note_upload, PackedBlock};
 use crate::policy::{Policy, Selection};
-use crate::quant::{dequantize_rows, BlockShape, Grouping, QuantBlock};
+use crate::quant::{dequantize_rows, Grouping, QuantBlock};
 
 /// Where a store quantizes and dequantizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -441,17 +441,8 @@ impl SeqLayerStore {
             let n = chunk.tokens();
             buf.resize(heads * n * dim, 0.0);
             for (block, out) in [(&chunk.k, &mut k), (&chunk.v, &mut v)] {
-                let guard = block.cpu_bytes()?;
-                let bytes = guard.bytes()?;
-                let shape = BlockShape {
-                    heads: bytes.heads,
-                    tokens: bytes.tokens,
-                    dim: bytes.dim,
-                    bits: bytes.bits,
-                    grouping: bytes.grouping,
-                    rotated: bytes.rotated,
-                };
-                dequantize_rows(bytes.codes, bytes.params, shape, &mut buf);
+                let bytes = block.cpu_bytes()?;
+                dequantize_rows(bytes.codes, bytes.params, bytes.shape(), &mut buf);
                 for h in 0..heads {
                     let dst = (h * tokens + offset) * dim;
                     let src = h * n * dim;

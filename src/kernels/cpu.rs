@@ -1,8 +1,7 @@
 //! Fused decode attention on the CPU over the packed cache: scores and values are computed from
 //! the 2/3/4/8-bit codes, scales and minimums directly; no dequantized copy of the cache is built.
 //! Keys and values may have different widths (each block carries its own). The codes and
-//! scales are the CPU tensors' own storage ([`crate::packed::PackedBlock::cpu_bytes`]: read
-//! locks for the call, no copy).
+//! scales are the CPU tensors' own storage ([`crate::packed::PackedBlock::cpu_bytes`], no copy).
 //!
 //! With per-token groups (scale `s`, minimum `m` over channels `g` of one token):
 //!
@@ -36,7 +35,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::packed::{BlockBytes, CpuBlockGuard};
+use crate::packed::BlockBytes;
 use crate::quant::Grouping;
 use crate::store::SeqLayerStore;
 
@@ -901,8 +900,8 @@ pub fn attend_with(
             Ok(parts)
         })
         .collect::<Result<_>>()?;
-    // The chunks' bytes, read in place: read locks on their CPU storage for this call.
-    let guards: Vec<Vec<[CpuBlockGuard<'_>; 2]>> = rows
+    // The chunks' bytes, read in place from their CPU tensors.
+    let chunk_bytes: Vec<Vec<ChunkBytes<'_>>> = rows
         .iter()
         .map(|row| {
             if row.on_device_path() {
@@ -910,18 +909,10 @@ pub fn attend_with(
             }
             row.chunks()
                 .iter()
-                .map(|c| Ok([c.k.cpu_bytes()?, c.v.cpu_bytes()?]))
-                .collect()
-        })
-        .collect::<Result<_>>()?;
-    let chunk_bytes: Vec<Vec<ChunkBytes<'_>>> = guards
-        .iter()
-        .map(|row| {
-            row.iter()
-                .map(|[k, v]| {
+                .map(|c| {
                     Ok(ChunkBytes {
-                        k: k.bytes()?,
-                        v: v.bytes()?,
+                        k: c.k.cpu_bytes()?,
+                        v: c.v.cpu_bytes()?,
                     })
                 })
                 .collect()
