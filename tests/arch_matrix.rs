@@ -415,7 +415,11 @@ async fn f32_weights_are_refused_where_the_gguf_loader_cannot_take_them() {
     for arch in [Arch::Phi2, Arch::Phi3, Arch::Starcoder2] {
         let model = TinyModel::write(arch, Form::Gguf);
         let mut options = EngineOptions::new(model.source.clone(), KvCacheChoice::Default);
-        assert_eq!(options.effective_weights().unwrap(), Weights::AsIs, "{arch:?}");
+        assert_eq!(
+            options.effective_weights().unwrap(),
+            Weights::AsIs,
+            "{arch:?}"
+        );
         options.weights = Weights::F32;
         let message = match build_engine(&options).await {
             Err(e) => format!("{e:#}"),

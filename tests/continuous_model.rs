@@ -202,19 +202,23 @@ async fn weights_mode_is_per_engine_and_changes_only_the_matmuls() {
         .expect("scoring");
         runs.push(steps);
     }
-    let largest_difference = |a: &[mistralrs_logquant::generate::ScoredStep],
-                              b: &[mistralrs_logquant::generate::ScoredStep]| {
-        a.iter()
-            .zip(b)
-            .flat_map(|(x, y)| {
-                let (p, q) = (
-                    x.distribution.as_ref().unwrap(),
-                    y.distribution.as_ref().unwrap(),
-                );
-                p.iter().zip(q).map(|(u, v)| (u - v).abs()).collect::<Vec<_>>()
-            })
-            .fold(0f32, f32::max)
-    };
+    let largest_difference =
+        |a: &[mistralrs_logquant::generate::ScoredStep],
+         b: &[mistralrs_logquant::generate::ScoredStep]| {
+            a.iter()
+                .zip(b)
+                .flat_map(|(x, y)| {
+                    let (p, q) = (
+                        x.distribution.as_ref().unwrap(),
+                        y.distribution.as_ref().unwrap(),
+                    );
+                    p.iter()
+                        .zip(q)
+                        .map(|(u, v)| (u - v).abs())
+                        .collect::<Vec<_>>()
+                })
+                .fold(0f32, f32::max)
+        };
     assert_eq!(
         largest_difference(&runs[0], &runs[2]),
         0.0,

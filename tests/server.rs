@@ -40,10 +40,6 @@ impl Drop for Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        Self::start_with_env(args, &[])
-    }
-
-    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         // The test helper fetches the default model first, so the server never downloads.
         let _ = common::model();
         let mut child = Command::new(BIN)
@@ -51,7 +47,6 @@ impl Server {
             .args(["-p", "0"])
             .args(args)
             .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -597,7 +592,6 @@ fn run_keeps_to_max_tokens_the_context_and_stdout() {
         .args(["run", "-m", model.to_str().unwrap(), "--max-tokens", "1000"])
         .args(["-i", &format!("Continue: {}", words.join(" "))])
         .env("RUST_LOG", "error")
-        .env("CANDLE_DEQUANTIZE_ALL", "1")
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -615,10 +609,7 @@ fn run_keeps_to_max_tokens_the_context_and_stdout() {
 async fn the_server_answers_real_client_traffic_in_openais_shape() {
     const CONTEXT: u64 = 192;
     let model = model_with_context(CONTEXT as u32);
-    let server = Server::start_with_env(
-        &["-m", model.to_str().unwrap()],
-        &[("CANDLE_DEQUANTIZE_ALL", "1")],
-    );
+    let server = Server::start(&["-m", model.to_str().unwrap()]);
     let text = common::shared_text();
     let words: Vec<&str> = text.split_whitespace().collect();
 
@@ -963,10 +954,7 @@ fn prometheus_samples(text: &str) -> std::collections::HashMap<String, f64> {
 async fn the_model_has_its_name_and_metrics_match_the_kv_cache_mid_request() {
     const NAME: &str = "SmolLM2-135M-Instruct";
     // A small window and group, so that a short prompt is quantized already.
-    let server = Server::start_with_env(
-        &["--kv-window", "8", "--kv-group-size", "16"],
-        &[("CANDLE_DEQUANTIZE_ALL", "1")],
-    );
+    let server = Server::start(&["--kv-window", "8", "--kv-group-size", "16"]);
     let models = server.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
