@@ -36,7 +36,7 @@ fn attention(c: &mut Criterion) {
             let k = Tensor::randn(0f32, 1.0, (batch, KV_HEADS, context, DIM), &device).unwrap();
             let v = Tensor::randn(0f32, 1.0, (batch, KV_HEADS, context, DIM), &device).unwrap();
             let q = Tensor::randn(0f32, 1.0, (batch, Q_HEADS, 1, DIM), &device).unwrap();
-            let mut cache = LogQuantCache::new(LogQuantConfig::default(), 8192);
+            let mut cache = LogQuantCache::new(LogQuantConfig::paper(), 8192);
             cache.append(&k, &v).unwrap();
             let id = |name: &str| BenchmarkId::new(name, format!("ctx{context}/b{batch}"));
 
@@ -83,7 +83,7 @@ fn position_order(c: &mut Criterion) {
     for context in [1024usize, 8192] {
         let k = Tensor::randn(0f32, 1.0, (1, KV_HEADS, context, DIM), &device).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, KV_HEADS, context, DIM), &device).unwrap();
-        let mut cache = LogQuantCache::new(LogQuantConfig::default(), 8192);
+        let mut cache = LogQuantCache::new(LogQuantConfig::paper(), 8192);
         cache.append(&k, &v).unwrap();
         let row = &cache.rows()[0];
         let id = |name: &str| BenchmarkId::new(name, format!("ctx{context}"));
@@ -97,7 +97,7 @@ fn position_order(c: &mut Criterion) {
             })
         });
         let mut forced =
-            LogQuantCache::with_quant_path(LogQuantConfig::default(), 8192, QuantPath::Device);
+            LogQuantCache::with_quant_path(LogQuantConfig::paper(), 8192, QuantPath::Device);
         forced.append(&k, &v).unwrap();
         let forced_row = &forced.rows()[0];
         group.bench_function(id("layout-device-path"), |b| {

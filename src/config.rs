@@ -80,17 +80,21 @@ pub enum ConfigError {
 /// Allowed widths of a quantized key or value.
 pub const ALLOWED_BITS: [u8; 4] = [2, 3, 4, 8];
 
-/// The LogQuant cache configuration. `Default` is the paper's headline setting.
+/// The LogQuant cache configuration. `Default` is the setting this crate recommends (3-bit keys
+/// grouped per channel over 128 tokens, 2-bit values, Hadamard rotation, W = 42: about 3.3 bits
+/// per cached value at 4k tokens; docs/results.md has the measurements that chose it);
+/// [`LogQuantConfig::paper`] is the paper's 2-bit setting.
+///
+/// Deserialized (TOML `[logquant]`, JSON) over `Default`, with `bits` applied first and
+/// setting both widths, as `--kv-bits` does; `key-bits` and `value-bits` then override it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(from = "RawConfig", into = "RawConfig")]
 pub struct LogQuantConfig {
     /// Bits per quantized value: 2, 3, 4 or 8; keys and values unless overridden below.
     pub bits: u8,
     /// Bits per quantized key, when it differs from `bits` (see [`LogQuantConfig::key_bits`]).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_bits: Option<u8>,
     /// Bits per quantized value (V), when it differs from `bits`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub value_bits: Option<u8>,
     /// LogQuant window W: at most 3W full-precision tokens.
     pub window: usize,
@@ -98,7 +102,6 @@ pub struct LogQuantConfig {
     pub group_size: usize,
     /// Values per key scale/min group, when it differs from `group_size`: tokens per group for
     /// per-channel keys (e.g. 128), channels per group for per-token keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_group_size: Option<usize>,
     pub key_grouping: KeyGrouping,
     pub policy: PolicyKind,
@@ -116,6 +119,78 @@ pub struct LogQuantConfig {
 impl Default for LogQuantConfig {
     fn default() -> Self {
         Self {
+            key_bits: Some(3),
+            key_group_size: Some(128),
+            rotate: true,
+            ..Self::paper()
+        }
+    }
+}
+
+/// A `[logquant]` table as written: every key optional. A configuration serializes with every
+/// key and the widths and key group in effect, so it reads back to the same cache.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    bits: Option<u8>,
+    key_bits: Option<u8>,
+    value_bits: Option<u8>,
+    window: Option<usize>,
+    group_size: Option<usize>,
+    key_group_size: Option<usize>,
+    key_grouping: Option<KeyGrouping>,
+    policy: Option<PolicyKind>,
+    recent: Option<usize>,
+    sink: Option<usize>,
+    kernel: Option<AttentionKernel>,
+    rotate: Option<bool>,
+}
+
+impl From<LogQuantConfig> for RawConfig {
+    fn from(c: LogQuantConfig) -> Self {
+        Self {
+            bits: Some(c.bits),
+            key_bits: Some(c.key_bits()),
+            value_bits: Some(c.value_bits()),
+            window: Some(c.window),
+            group_size: Some(c.group_size),
+            key_group_size: Some(c.key_group_size()),
+            key_grouping: Some(c.key_grouping),
+            policy: Some(c.policy),
+            recent: Some(c.recent),
+            sink: Some(c.sink),
+            kernel: Some(c.kernel),
+            rotate: Some(c.rotate),
+        }
+    }
+}
+
+impl From<RawConfig> for LogQuantConfig {
+    fn from(raw: RawConfig) -> Self {
+        let mut c = Self::default();
+        if let Some(bits) = raw.bits {
+            c.set_bits(bits);
+        }
+        c.key_bits = raw.key_bits.or(c.key_bits);
+        c.value_bits = raw.value_bits.or(c.value_bits);
+        c.window = raw.window.unwrap_or(c.window);
+        c.group_size = raw.group_size.unwrap_or(c.group_size);
+        c.key_group_size = raw.key_group_size.or(c.key_group_size);
+        c.key_grouping = raw.key_grouping.unwrap_or(c.key_grouping);
+        c.policy = raw.policy.unwrap_or(c.policy);
+        c.recent = raw.recent.unwrap_or(c.recent);
+        c.sink = raw.sink.unwrap_or(c.sink);
+        c.kernel = raw.kernel.unwrap_or(c.kernel);
+        c.rotate = raw.rotate.unwrap_or(c.rotate);
+        c
+    }
+}
+
+impl LogQuantConfig {
+    /// The paper's headline setting (arXiv 2503.19950): 2-bit keys and values, W = 42,
+    /// groups of 64 (keys per channel over 64 tokens), no rotation.
+    pub fn paper() -> Self {
+        Self {
             bits: 2,
             key_bits: None,
             value_bits: None,
@@ -130,9 +205,7 @@ impl Default for LogQuantConfig {
             rotate: false,
         }
     }
-}
 
-impl LogQuantConfig {
     /// Check every field; the error names the first bad one.
     pub fn validate(self) -> Result<Self, ConfigError> {
         let invalid = |field, value: String, allowed: &str| ConfigError::Invalid {
@@ -252,11 +325,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_is_the_papers_setting() {
+    fn default_is_k3v2_rotated_and_the_paper_is_two_bit() {
         let c = LogQuantConfig::default().validate().unwrap();
-        assert_eq!((c.bits, c.window, c.group_size), (2, 42, 64));
+        assert_eq!(
+            (
+                c.key_bits(),
+                c.value_bits(),
+                c.key_group_size(),
+                c.group_size
+            ),
+            (3, 2, 128, 64)
+        );
+        assert!(c.rotate);
         assert_eq!(c.full_precision_budget(), 126);
         assert_eq!(c.key_grouping, KeyGrouping::PerChannel);
+        let p = LogQuantConfig::paper().validate().unwrap();
+        assert_eq!(
+            (p.key_bits(), p.value_bits(), p.key_group_size(), p.window),
+            (2, 2, 64, 42)
+        );
+        assert!(!p.rotate);
+        assert_eq!(p.describe(), "logquant W=42, 2-bit, G=64, keys per-channel");
+    }
+
+    #[test]
+    fn a_table_reads_over_the_default_with_bits_first_and_configs_round_trip() {
+        let read = |json: &str| serde_json::from_str::<LogQuantConfig>(json).unwrap();
+        assert_eq!(read("{}"), LogQuantConfig::default());
+        // `bits` sets both widths (as --kv-bits does); key-bits then overrides it.
+        let c = read(r#"{"bits": 4}"#);
+        assert_eq!((c.key_bits(), c.value_bits()), (4, 4));
+        let c = read(r#"{"bits": 4, "key-bits": 8}"#);
+        assert_eq!((c.key_bits(), c.value_bits()), (8, 4));
+        for c in [LogQuantConfig::default(), LogQuantConfig::paper()] {
+            let back = read(&serde_json::to_string(&c).unwrap());
+            assert_eq!(back.describe(), c.describe());
+            assert_eq!(
+                (
+                    back.key_bits(),
+                    back.value_bits(),
+                    back.key_group_size(),
+                    back.rotate
+                ),
+                (c.key_bits(), c.value_bits(), c.key_group_size(), c.rotate)
+            );
+        }
     }
 
     #[test]
@@ -323,7 +436,7 @@ mod tests {
     fn widths_and_key_groups_default_to_the_shared_values() {
         let mut c = LogQuantConfig {
             value_bits: Some(8),
-            ..Default::default()
+            ..LogQuantConfig::paper()
         };
         assert_eq!(
             (c.key_bits(), c.value_bits(), c.key_group_size()),
@@ -334,7 +447,7 @@ mod tests {
         assert_eq!(c.describe(), "logquant W=42, 4-bit, G=64, keys per-channel");
         let three = LogQuantConfig {
             key_bits: Some(3),
-            ..Default::default()
+            ..LogQuantConfig::paper()
         };
         assert!(three.validate_for_head_dim(64).is_ok());
         assert_eq!(
@@ -344,7 +457,7 @@ mod tests {
         let rotated = LogQuantConfig {
             rotate: true,
             group_size: 16,
-            ..Default::default()
+            ..LogQuantConfig::paper()
         };
         assert_eq!(
             rotated.validate_for_head_dim(48).unwrap_err().to_string(),

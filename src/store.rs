@@ -566,7 +566,7 @@ mod tests {
         LogQuantConfig {
             window: 4,
             group_size: 16,
-            ..LogQuantConfig::default()
+            ..LogQuantConfig::paper()
         }
     }
 

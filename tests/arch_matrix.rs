@@ -100,7 +100,7 @@ fn logquant(window: usize, bits: u8, kernel: AttentionKernel) -> KvCacheChoice {
         window,
         group_size: GROUP,
         kernel,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     })
 }
 

@@ -24,7 +24,7 @@ async fn fused_decode_equals_the_default_cache_while_everything_is_full_precisio
     let text = &passages()[2];
     let fused = LogQuantConfig {
         kernel: AttentionKernel::Fused,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut runs = Vec::new();
     for cache in [KvCacheChoice::Default, KvCacheChoice::LogQuant(fused)] {
@@ -78,7 +78,7 @@ async fn fused_and_portable_paths_agree_at_two_bits() {
     for kernel in [AttentionKernel::Fused, AttentionKernel::Portable] {
         let config = LogQuantConfig {
             kernel,
-            ..Default::default()
+            ..LogQuantConfig::paper()
         };
         let lq = engine(KvCacheChoice::LogQuant(config)).await;
         let mut texts = Vec::new();
@@ -147,7 +147,7 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
             window: 8,
             group_size: 16,
             kernel,
-            ..Default::default()
+            ..LogQuantConfig::paper()
         };
         let lq = engine(KvCacheChoice::LogQuant(config)).await;
         let mut full_agreement = 0;

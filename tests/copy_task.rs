@@ -29,7 +29,7 @@ async fn default_cache_copies_what_an_all_quantized_cache_loses() {
     };
     let broken = KvCacheChoice::LogQuant(LogQuantConfig {
         policy: PolicyKind::None,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     });
     let rows = evaluate_copy(
         &mistralrs_logquant::engine::EngineOptions::new(model(), KvCacheChoice::Default),

@@ -26,7 +26,7 @@ async fn smollm2_scores_equal_on_the_device_path() {
         window: 4,
         group_size: 16,
         kernel: AttentionKernel::Portable,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let model = ModelSource::default_model().expect("default model");
     let mut runs = Vec::new();

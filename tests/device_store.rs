@@ -99,7 +99,7 @@ fn settings() -> Vec<(String, LogQuantConfig)> {
         window: 4,
         group_size: 16,
         kernel: AttentionKernel::Portable,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut out = Vec::new();
     for bits in [2u8, 3, 4, 8] {
@@ -238,7 +238,7 @@ fn append_on_the_device_path_equals_the_host_path() {
     let config = LogQuantConfig {
         window: 4,
         group_size: 16,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut host_cache = LogQuantCache::new(config, 1000);
@@ -261,7 +261,7 @@ fn device_chunks_are_shared_between_clones() {
     let config = LogQuantConfig {
         window: 4,
         group_size: 16,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let mut a = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
@@ -292,7 +292,7 @@ fn the_fused_kernel_refuses_device_path_stores() {
     let config = LogQuantConfig {
         window: 4,
         group_size: 16,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut device = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
@@ -314,7 +314,7 @@ fn decode_steps_upload_nothing_to_the_device() {
         window: 4,
         group_size: 16,
         kernel: AttentionKernel::Portable,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let mut attend = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);

@@ -252,7 +252,7 @@ fn config(bits: u8, keys: KeyGrouping, policy: PolicyKind) -> LogQuantConfig {
         recent: 12,
         sink: 2,
         kernel: AttentionKernel::Portable,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     }
     .validate()
     .unwrap()
@@ -355,7 +355,7 @@ fn the_cache_keeps_the_specs_test_vectors() {
             group_size: 8,
             key_grouping: KeyGrouping::PerToken,
             kernel: AttentionKernel::Portable,
-            ..LogQuantConfig::default()
+            ..LogQuantConfig::paper()
         }
         .validate()
         .unwrap();
@@ -471,7 +471,7 @@ fn batching_round_trips_and_clones_share_quantized_blocks() {
 
 #[test]
 fn rewinds_are_refused_with_a_reason() {
-    let mut cache = LogQuantCache::new(LogQuantConfig::default(), 1000);
+    let mut cache = LogQuantCache::new(LogQuantConfig::paper(), 1000);
     let k = Tensor::zeros((1, KV_HEADS, 10, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
     cache.append(&k, &k).unwrap();
     assert!(cache.try_set_len(10).is_ok());
@@ -489,7 +489,7 @@ fn rewinds_are_refused_with_a_reason() {
 fn bytes_follow_the_memory_arithmetic() {
     // SmolLM2's layer geometry: 3 kv heads x 64 dims, f32 activations; 2 bits, W=42, G=64.
     let (heads, dim, tokens, w, g) = (3, 64, 1000, 42, 64);
-    let cfg = LogQuantConfig::default();
+    let cfg = LogQuantConfig::paper();
     assert_eq!((cfg.bits, cfg.window, cfg.group_size), (2, w, g));
     let mut cache = LogQuantCache::new(cfg, 10_000);
     let k = Tensor::ones(
@@ -544,7 +544,7 @@ fn bytes_of_mixed_widths_match_an_analytic_count() {
             value_bits: Some(value_bits),
             key_group_size: Some(key_group),
             key_grouping: keys,
-            ..LogQuantConfig::default()
+            ..LogQuantConfig::paper()
         }
         .validate()
         .unwrap();
@@ -589,7 +589,7 @@ fn bytes_of_mixed_widths_match_an_analytic_count() {
 fn group_size_that_does_not_divide_head_dim_is_a_clear_error() {
     let cfg = LogQuantConfig {
         group_size: 48,
-        ..Default::default()
+        ..LogQuantConfig::paper()
     };
     let mut cache = LogQuantCache::new(cfg, 100);
     let k = Tensor::zeros((1, 2, 3, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -695,7 +695,7 @@ fn fused_cache(
         group_size: group,
         key_grouping: keys,
         kernel: AttentionKernel::Fused,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     fused_cache_with(rng, cfg, tokens, dim)
 }
@@ -776,7 +776,7 @@ fn fused_kernel_mixed_widths_match_the_reference() {
                 key_grouping: keys,
                 rotate,
                 kernel: AttentionKernel::Fused,
-                ..LogQuantConfig::default()
+                ..LogQuantConfig::paper()
             };
             let mut cache = fused_cache_with(&mut rng, cfg, 700, dim);
             let (k1, v1) = (
@@ -821,7 +821,7 @@ fn fused_kernel_mixed_widths_match_the_reference() {
             bits: 8,
             rotate,
             kernel: AttentionKernel::Fused,
-            ..LogQuantConfig::default()
+            ..LogQuantConfig::paper()
         };
         let mut cache = LogQuantCache::new(cfg.validate().unwrap(), 10_000);
         cache.append(&k, &v).unwrap();
@@ -894,7 +894,7 @@ fn backend_chunks_match_textbook_attention_on_both_kernels() {
     let base = LogQuantConfig {
         window: 4,
         group_size: 8,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     };
     let mut caches = [AttentionKernel::Fused, AttentionKernel::Portable]
         .map(|kernel| LogQuantCache::new(LogQuantConfig { kernel, ..base }, 100_000));
@@ -1004,7 +1004,7 @@ fn append_hands_out_rows_in_position_order_with_new_rows_exact() {
         window: 4,
         group_size: 16,
         kernel: AttentionKernel::Portable,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     }
     .validate()
     .unwrap();
@@ -1094,7 +1094,7 @@ fn models_logquant_cannot_cache_are_refused_with_one_line() {
         layers,
         latent_attention,
     };
-    let config = LogQuantConfig::default(); // group size 64
+    let config = LogQuantConfig::paper(); // group size 64
     assert_eq!(
         check_model_shape(&config, &shape(vec![layer(64, 64); 3], false)),
         Ok(())

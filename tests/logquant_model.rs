@@ -34,7 +34,7 @@ async fn long_prompts(lengths: &[usize]) -> Vec<Vec<u32>> {
 async fn two_bit_default_setting_writes_fluent_text() {
     let prompts = long_prompts(&[600]).await;
     let suppressed = suppressed();
-    let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::default())).await;
+    let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::paper())).await;
     let finished = finished_sequences();
     let generated = generate_greedy(&lq, prompts[0].clone(), 64, &suppressed)
         .await
@@ -88,7 +88,7 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     let prompt = long_prompts(&[4095]).await.remove(0);
     let suppressed = suppressed();
     // f32 activations (this crate's CPU default): prefill 4096 tokens and read the counter.
-    let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::default())).await;
+    let lq = engine(KvCacheChoice::LogQuant(LogQuantConfig::paper())).await;
     let finished = finished_sequences();
     generate_greedy(&lq, prompt.clone(), 2, &suppressed)
         .await
@@ -125,7 +125,7 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
 
     // The counter in a 16-bit run (shorter: f16 prefill is slow on the CPU).
     let short = prompt[..511].to_vec();
-    let lq = engine_with(KvCacheChoice::LogQuant(LogQuantConfig::default()), |o| {
+    let lq = engine_with(KvCacheChoice::LogQuant(LogQuantConfig::paper()), |o| {
         o.dtype = Dtype::F16
     })
     .await;
@@ -143,7 +143,7 @@ async fn per_token_keys_need_no_staging() {
     let prompt = long_prompts(&[1023]).await.remove(0);
     let per_token = LogQuantConfig {
         key_grouping: KeyGrouping::PerToken,
-        ..Default::default()
+        ..LogQuantConfig::paper()
     };
     let lq = engine(KvCacheChoice::LogQuant(per_token)).await;
     let finished = finished_sequences();
@@ -177,7 +177,7 @@ async fn eval_measures_the_dtype_it_is_given() {
     // W = 100: every token stays in full precision, so every cached byte is an activation.
     let exact = KvCacheChoice::LogQuant(LogQuantConfig {
         window: 100,
-        ..LogQuantConfig::default()
+        ..LogQuantConfig::paper()
     });
     for (dtype, bytes_per_value) in [(Dtype::Bf16, 2), (Dtype::F32, 4)] {
         let mut base = EngineOptions::new(model(), KvCacheChoice::Default);

@@ -240,14 +240,16 @@ async fn openai_client_gets_chat_completions_from_both_caches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_requests_are_all_answered_and_quantize() {
-    // A small window and group, so that short prompts are quantized too: prefill of the Q4_1
-    // model is slow on the CPU (candle has no SIMD kernel for Q4_1), so prompts stay short.
+    // A small window and groups, so that short prompts are quantized too (short prompts keep
+    // the test quick).
     let server = Server::start(&[
         "--kv-cache",
         "logquant",
         "--kv-window",
         "8",
         "--kv-group-size",
+        "16",
+        "--kv-key-group-size",
         "16",
     ]);
     let text = std::fs::read_to_string(concat!(
@@ -954,7 +956,14 @@ fn prometheus_samples(text: &str) -> std::collections::HashMap<String, f64> {
 async fn the_model_has_its_name_and_metrics_match_the_kv_cache_mid_request() {
     const NAME: &str = "SmolLM2-135M-Instruct";
     // A small window and group, so that a short prompt is quantized already.
-    let server = Server::start(&["--kv-window", "8", "--kv-group-size", "16"]);
+    let server = Server::start(&[
+        "--kv-window",
+        "8",
+        "--kv-group-size",
+        "16",
+        "--kv-key-group-size",
+        "16",
+    ]);
     let models = server.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()

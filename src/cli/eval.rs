@@ -38,15 +38,15 @@ pub struct EvalArgs {
     /// What to measure: ppl (perplexity, KL, top-1 vs default) or copy (retrieval).
     #[arg(long, value_enum, default_value_t = Task::Ppl)]
     pub task: Task,
-    /// Cache configurations, comma-separated: default, passthrough, logquant-portable, or a
-    /// --kv-policy value (a LogQuant cache with that policy), each optionally followed by
-    /// `:`-separated options:
+    /// Cache configurations, comma-separated: default, passthrough, logquant-portable, paper
+    /// (LogQuant with the paper's 2-bit setting), or a --kv-policy value (a LogQuant cache with
+    /// that policy and the shared settings), each optionally followed by `:`-separated options:
     /// `BITS` (both widths), `kKvV` (key and value bits, e.g. k4v2), `gN` (group size), `kgN`
-    /// (key group size), `wN` (window), `rN` (recent), `rot` (Hadamard rotation), e.g.
-    /// `logquant:k3v2:kg128`. The default cache is always measured first, as the reference.
+    /// (key group size), `wN` (window), `rN` (recent), `rot` / `norot` (Hadamard rotation),
+    /// e.g. `logquant:k4v2`. The default cache is always measured first, as the reference.
     #[arg(
         long,
-        default_value = "default,logquant,recent,none",
+        default_value = "default,logquant,paper,recent",
         value_delimiter = ','
     )]
     pub configs: Vec<String>,
@@ -85,8 +85,8 @@ fn apply_config_option(args: &mut CacheArgs, option: &str) -> Result<()> {
         s.parse()
             .map_err(|_| anyhow::anyhow!("`{s}` is not a number"))
     };
-    if option == "rot" {
-        args.kv_rotate = Some(true);
+    if option == "rot" || option == "norot" {
+        args.kv_rotate = Some(option == "rot");
     } else if let Ok(bits) = option.parse::<u8>() {
         args.kv_bits = Some(bits);
         args.kv_key_bits = None;
@@ -103,7 +103,7 @@ fn apply_config_option(args: &mut CacheArgs, option: &str) -> Result<()> {
     } else if let Some(rest) = option.strip_prefix('r') {
         args.kv_recent = Some(number(rest)?);
     } else {
-        bail!("allowed: BITS, kKvV, gN, kgN, wN, rN, rot");
+        bail!("allowed: BITS, kKvV, gN, kgN, wN, rN, rot, norot");
     }
     Ok(())
 }
@@ -125,6 +125,16 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
                 args.kv_cache = Some("logquant".into());
                 args.kv_kernel = Some(AttentionKernel::Portable);
             }
+            ("paper", _) => {
+                // The paper's setting (LogQuantConfig::paper) in flags, before the options.
+                args.kv_cache = Some("logquant".into());
+                args.kv_bits = Some(2);
+                args.kv_key_bits = None;
+                args.kv_value_bits = None;
+                args.kv_key_group_size = Some(64);
+                args.kv_group_size = Some(64);
+                args.kv_rotate = Some(false);
+            }
             (_, Some(policy)) => {
                 args.kv_cache = Some("logquant".into());
                 if policy != PolicyKind::Logquant || args.kv_policy.is_none() {
@@ -134,7 +144,7 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
             ("default" | "passthrough", None) => {}
             (other, None) => bail!(
                 "invalid value `{other}` for --configs (allowed: default, passthrough, \
-                 logquant-portable, {}, optionally with :OPTIONS)",
+                 logquant-portable, paper, {}, optionally with :OPTIONS)",
                 allowed_names::<PolicyKind>()
             ),
         }
@@ -426,6 +436,7 @@ pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mistralrs_logquant::config::LogQuantConfig;
 
     #[test]
     fn config_entries_take_colon_separated_options() {
@@ -447,6 +458,15 @@ mod tests {
             (8, 8, 64, 32)
         );
         assert_eq!(parse("default").unwrap(), vec![KvCacheChoice::Default]);
+        // `paper` is the paper's setting; options apply on top of it.
+        let KvCacheChoice::LogQuant(c) = parse("paper").unwrap().remove(0) else {
+            panic!("not logquant")
+        };
+        assert_eq!(c.describe(), LogQuantConfig::paper().describe());
+        let KvCacheChoice::LogQuant(c) = parse("logquant:norot").unwrap().remove(0) else {
+            panic!("not logquant")
+        };
+        assert_eq!((c.key_bits(), c.rotate), (3, false));
         for bad in ["logquant:k9v2", "logquant:zz", "logquant:kxv2", "nope"] {
             let err = format!("{:#}", parse(bad).unwrap_err());
             assert!(
