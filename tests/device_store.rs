@@ -136,6 +136,14 @@ fn settings() -> Vec<(String, LogQuantConfig)> {
         },
     ));
     out.push((
+        "the default (k3v2, keys per channel over 128 tokens, rotated, G=64)".into(),
+        LogQuantConfig {
+            window: 4,
+            kernel: AttentionKernel::Portable,
+            ..LogQuantConfig::default()
+        },
+    ));
+    out.push((
         "2-bit G=64, policy none".into(),
         LogQuantConfig {
             group_size: 64,
@@ -164,12 +172,12 @@ fn device_path_equals_the_host_path_for_every_setting() {
             10_000,
         );
         let mut device = LogQuantCache::with_quant_path(config, 10_000, QuantPath::Device);
-        // Prefill 37, a chunk of 11 after it, then 90 decode steps: several compressions,
-        // whole per-channel key groups and a staged remainder.
+        // Prefill 37, a chunk of 11 after it, then 150 decode steps: several compressions,
+        // whole per-channel key groups (of 16, 32 and 128 tokens) and a staged remainder.
         let mut cached = 0;
         let mut worst_portable = 0f32;
         let mut worst_fused = 0f32;
-        for (step, new) in [37usize, 11].into_iter().chain([1; 90]).enumerate() {
+        for (step, new) in [37usize, 11].into_iter().chain([1; 150]).enumerate() {
             let q = random(&mut rng, (batch, Q_HEADS, new, DIM));
             let k = random(&mut rng, (batch, KV_HEADS, new, DIM));
             let v = random(&mut rng, (batch, KV_HEADS, new, DIM));
