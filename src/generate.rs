@@ -117,10 +117,7 @@ pub async fn submit(
 
 impl Submitted {
     /// Wait until the request has finished and the engine has released its sequence (so that
-    /// [`kv_cache_usage`] already counts it as finished). Except for a request that ends at
-    /// its first token: mistral.rs 0.8.1 marks every sequence running again after its prompt
-    /// step (`engine/mod.rs`), so such a sequence runs one more step, whenever the engine next
-    /// steps, before it is released.
+    /// [`kv_cache_usage`] already counts it as finished).
     pub async fn finish(mut self) -> Result<()> {
         loop {
             match self
@@ -346,8 +343,8 @@ pub async fn score_teacher_forced_with_progress(
 
 /// Usage of the next sequence to finish after `finished_before` sequences had finished (see
 /// [`kv_cache_usage`]). Every request of this module returns only after the engine has
-/// released its sequence ([`Submitted::finish`]; one that ended at its first token is the
-/// exception), so the record is read once, no waiting; `None` if no sequence finished since.
+/// released its sequence ([`Submitted::finish`]), so the record is read once, no waiting;
+/// `None` if no sequence finished since.
 pub async fn usage_of_next_finished(finished_before: usize) -> Option<LayerUsage> {
     let usage = kv_cache_usage();
     (usage.finished_sequences > finished_before)

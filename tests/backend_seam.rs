@@ -397,3 +397,27 @@ async fn prefix_reuse_is_skipped_when_the_backend_refuses_to_rewind() {
         first_difference(&got, &reference)
     );
 }
+
+/// A request that ends at its first token is released with its answer. mistral.rs 0.8.1 set
+/// every sequence running again after its prompt step, so such a sequence ran one step more and
+/// stayed live, cache and all, until the engine next had work (fixed by the patch). Oracle: the
+/// released sequence's cache holds exactly the prompt (the extra step would have added the
+/// sampled token), and nothing is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_token_request_is_released_with_its_answer() {
+    let engine = engine(KvCacheChoice::passthrough()).await;
+    let prompt: Vec<u32> = (0..20u32).map(|i| 1000 + 3 * i).collect();
+    let finished = finished_sequences();
+    let tokens = generate_greedy(&engine, prompt.clone(), 1, &suppressed())
+        .await
+        .expect("one token");
+    assert_eq!(tokens.len(), 1);
+    let usage = usage_of_next_finished(finished)
+        .await
+        .expect("the one-token sequence is still live after its answer");
+    assert_eq!(usage.tokens, prompt.len(), "{usage:?}");
+    assert_eq!(
+        mistralrs_core::kv_cache_backend::kv_cache_usage().live_sequences,
+        0
+    );
+}
