@@ -16,10 +16,12 @@
 //! - Packing: the codes of one word (four 2-bit, eight 3-bit, two 4-bit codes) are summed with
 //!   their bit weights (integers below 2^24, exact in f32) and split into bytes by floor and
 //!   remainder. Unpacking: `index_select` into a 256-entry table for 2 and 4 bits (with u32
-//!   ids: an u8 id of 255 reads as candle's "padding" and gives zeros), a cast for 8, the word
-//!   arithmetic in reverse for 3.
-//! - Hadamard rotation: the butterfly stages of [`crate::quant::hadamard_in_place`] as narrow,
-//!   add, sub and cat, so rotated rows are the same floats as on the host.
+//!   ids: an u8 id of 255 reads as candle's "padding" and gives zeros), into three such tables
+//!   for 3 bits (one per byte of a 3-byte word, the shares summed), a cast for 8.
+//! - Hadamard rotation before quantizing: the butterfly stages of
+//!   [`crate::quant::hadamard_in_place`] as narrow, add, sub and cat, so rotated rows, and so
+//!   the stored bytes, are the host's exactly. Rotating back after dequantizing (every step):
+//!   one product with the cached `H / sqrt(n)`, equal to f32 rounding.
 //!
 //! Small constants (tables, bounds) are uploaded once per device and cached; nothing here reads
 //! tensor data back to the host. On the CPU, [`PackedBlock::cpu_bytes`] lends the fused kernel
@@ -130,7 +132,8 @@ const _: () = assert!(std::mem::align_of::<GroupParams>() == std::mem::align_of:
 
 impl PackedBlock {
     /// A block over `codes` and `params` (made contiguous); on the CPU their storage's
-    /// addresses are noted for [`PackedBlock::cpu_bytes`].
+    /// addresses are noted for [`PackedBlock::cpu_bytes`]. Both callers pass tensors they have
+    /// just built, which nothing outside this block holds.
     #[allow(clippy::too_many_arguments)]
     fn new(
         (heads, tokens, dim): (usize, usize, usize),
@@ -331,7 +334,8 @@ impl PackedBlock {
     }
 
     /// Reconstruct `(heads, tokens, dim)` f32 on the block's device (rotated back if the block
-    /// was rotated): [`QuantBlock::dequantize_into`] in candle ops.
+    /// was rotated): [`QuantBlock::dequantize_into`] in candle ops (bit for bit, except the
+    /// rotation back, to f32 rounding: [`hadamard_rows_gemm`]).
     pub fn dequantize(&self) -> Result<Tensor> {
         dequantize_blocks(&[self])
     }
@@ -401,10 +405,47 @@ pub fn dequantize_blocks(blocks: &[&PackedBlock]) -> Result<Tensor> {
         }
     };
     if first.rotated {
-        hadamard_rows(&x)
+        hadamard_rows_gemm(&x)
     } else {
         Ok(x)
     }
+}
+
+/// [`hadamard_rows`] as one matrix product with the cached `H / sqrt(n)` (symmetric): what
+/// dequantization uses every step (one GEMM instead of `3 log2 n` ops). Equal to the butterflies
+/// to f32 rounding, not bit for bit (quantization keeps the butterflies, so stored bytes are
+/// the reference's exactly).
+pub fn hadamard_rows_gemm(x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n = *dims.last().unwrap_or(&1);
+    let h = hadamard_matrix(x.device(), n)?;
+    x.reshape((x.elem_count() / n.max(1), n))?
+        .matmul(&h)?
+        .reshape(dims)
+}
+
+/// `H / sqrt(n)` (`n` a power of two) as an f32 `(n, n)` tensor on `device`, built once.
+fn hadamard_matrix(device: &Device, n: usize) -> Result<Tensor> {
+    static CACHE: Mutex<Vec<(usize, Tensor)>> = Mutex::new(Vec::new());
+    if !n.is_power_of_two() {
+        candle_core::bail!("logquant: Hadamard order {n} is not a power of two");
+    }
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, h)) = cache
+        .iter()
+        .find(|(m, h)| *m == n && h.device().same_device(device))
+    {
+        return Ok(h.clone());
+    }
+    let mut rows = vec![0f32; n * n];
+    for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+        row[i] = 1.0;
+        crate::quant::hadamard_in_place(row);
+    }
+    note_upload();
+    let h = Tensor::from_vec(rows, (n, n), device)?;
+    cache.push((n, h.clone()));
+    Ok(h)
 }
 
 /// `x <- (H / sqrt(n)) x` on every row of the last dimension (`n` a power of two): the
@@ -520,15 +561,19 @@ fn unpack(codes: &Tensor, bits: u8, dim: usize, c: &Consts) -> Result<Tensor> {
             .index_select(&codes.flatten_all()?.to_dtype(DType::U32)?, 0)?
             .reshape((heads, tokens, dim)),
         3 => {
-            // Three bytes -> a 24-bit word w; code j = floor(w / 8^j) mod 8.
-            let words = codes
-                .to_dtype(DType::F32)?
+            // Byte k of a 3-byte word holds bits 8k..8k+8 of the 24-bit stream: a table row
+            // per (k, byte) gives those bits' share of each of the eight codes. The shares of
+            // one code come from different bits, so their sum is the code (exact).
+            let ids = codes
                 .reshape((heads, tokens, row_bytes / 3, 3))?
-                .broadcast_mul(&c.byte_weights3)?
-                .sum_keepdim(3)?;
-            let shifted = words.broadcast_mul(&c.code_shifts3)?.floor()?;
-            let high = shifted.affine(1.0 / 8.0, 0.0)?.floor()?.affine(8.0, 0.0)?;
-            (shifted - high)?.reshape((heads, tokens, dim))
+                .to_dtype(DType::U32)?
+                .broadcast_add(&c.unpack3_offsets)?
+                .flatten_all()?;
+            c.unpack3
+                .index_select(&ids, 0)?
+                .reshape((heads * tokens * row_bytes / 3, 3, 8))?
+                .sum(1)?
+                .reshape((heads, tokens, dim))
         }
         _ => codes.to_dtype(DType::F32),
     }
@@ -552,9 +597,10 @@ struct Consts {
     /// Byte value -> its codes, `(256, 4)` for 2 bits and `(256, 2)` for 4 bits.
     unpack2: Tensor,
     unpack4: Tensor,
-    /// `[1, 256, 65536]` and `8^-j` for `j < 8`: 3-bit words.
-    byte_weights3: Tensor,
-    code_shifts3: Tensor,
+    /// 3 bits: row `256 k + b` holds the share of byte `b`, at byte `k` of a word, in each of
+    /// the word's eight codes, `(768, 8)`; and the row offsets `[0, 256, 512]` (u32).
+    unpack3: Tensor,
+    unpack3_offsets: Tensor,
 }
 
 impl Consts {
@@ -595,14 +641,17 @@ impl Consts {
             word_weights: [weights(2)?, weights(3)?, weights(4)?],
             unpack2: table(2)?,
             unpack4: table(4)?,
-            byte_weights3: Tensor::new(&[1f32, 256.0, 65536.0], device)?,
-            code_shifts3: Tensor::new(
-                (0..8)
-                    .map(|j| pow2(-3 * j))
-                    .collect::<Vec<f32>>()
-                    .as_slice(),
-                device,
-            )?,
+            unpack3: {
+                let t: Vec<f32> = (0..3usize)
+                    .flat_map(|k| {
+                        (0..256u32).flat_map(move |b| {
+                            (0..8).map(move |j| (((b << (8 * k)) >> (3 * j)) & 7) as f32)
+                        })
+                    })
+                    .collect();
+                Tensor::from_vec(t, (768, 8), device)?
+            },
+            unpack3_offsets: Tensor::new(&[0u32, 256, 512], device)?,
         })
     }
 
@@ -753,7 +802,21 @@ mod tests {
         let mut want = vec![0f32; x.len()];
         reference.dequantize_into(&mut want);
         let have = host(&block.dequantize().unwrap());
-        if let Some((i, a, b)) = first_difference(&have, &want) {
+        if rotate {
+            // Rotated back by a matrix product instead of the butterflies: equal to f32
+            // rounding, relative to the block's largest value (the GEMM sums `dim` terms).
+            let scale = want
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            let bound = 4.0 * dim as f32 * f32::EPSILON * scale;
+            for (i, (a, b)) in have.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= bound,
+                    "{label}: reconstruction {i}: {a}, reference {b} (bound {bound:e})"
+                );
+            }
+        } else if let Some((i, a, b)) = first_difference(&have, &want) {
             panic!("{label}: reconstruction {i}: {a}, reference {b}");
         }
     }
@@ -913,6 +976,23 @@ mod tests {
         let got = host(&round_half_even(&t).unwrap());
         for (y, g) in ys.iter().zip(&got) {
             assert_eq!(*g, y.round_ties_even(), "{y}");
+        }
+    }
+
+    #[test]
+    fn hadamard_gemm_equals_the_host_transform_to_rounding() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for n in [1usize, 2, 8, 64, 128] {
+            let x: Vec<f32> = (0..5 * n)
+                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                .collect();
+            let mut want = x.clone();
+            crate::quant::hadamard_rows(&mut want, n);
+            let t = Tensor::from_vec(x, (5, n), &Device::Cpu).unwrap();
+            let got = host(&hadamard_rows_gemm(&t).unwrap());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-6, "n {n} index {i}: {a} vs {b}");
+            }
         }
     }
 

@@ -156,7 +156,8 @@ fn settings() -> Vec<(String, LogQuantConfig)> {
 
 /// The same prefill, chunk and decode steps through a host-path cache (portable and fused)
 /// and a device-path cache: identical chunks (bytes, scales, positions), identical rows
-/// handed out, attention outputs equal to float tolerance.
+/// handed out (to f32 rounding where blocks are rotated back), attention outputs equal to float
+/// tolerance.
 #[test]
 fn device_path_equals_the_host_path_for_every_setting() {
     for (label, config) in settings() {
@@ -226,11 +227,18 @@ fn device_path_equals_the_host_path_for_every_setting() {
             }
             assert_eq!(h.bytes(), d.bytes(), "{label}: bytes");
         }
-        // Rows handed to the engine in position order: identical.
+        // Rows handed to the engine in position order: identical, except that rotated blocks
+        // are rotated back by a matrix product on the device (equal to f32 rounding).
         let (hk, hv) = portable.materialize().unwrap().unwrap();
         let (dk, dv) = device.materialize().unwrap().unwrap();
-        assert_eq!(host(&hk), host(&dk), "{label}: keys in position order");
-        assert_eq!(host(&hv), host(&dv), "{label}: values in position order");
+        for (which, h, d) in [("keys", &hk, &dk), ("values", &hv, &dv)] {
+            let (diff, i) = max_diff(&host(h), &host(d), &label);
+            let bound = if config.rotate { 1e-5 } else { 0.0 };
+            assert!(
+                diff <= bound,
+                "{label}: {which} in position order differ by {diff} at {i}"
+            );
+        }
         assert_eq!(portable.usage(), device.usage(), "{label}: usage");
         println!(
             "{label}: largest difference vs portable {worst_portable:e}, vs fused {worst_fused:e}"
