@@ -175,8 +175,10 @@ impl From<RawConfig> for LogQuantConfig {
         c.value_bits = raw.value_bits.or(c.value_bits);
         c.window = raw.window.unwrap_or(c.window);
         c.group_size = raw.group_size.unwrap_or(c.group_size);
+        if let Some(grouping) = raw.key_grouping {
+            c.set_key_grouping(grouping);
+        }
         c.key_group_size = raw.key_group_size.or(c.key_group_size);
-        c.key_grouping = raw.key_grouping.unwrap_or(c.key_grouping);
         c.policy = raw.policy.unwrap_or(c.policy);
         c.recent = raw.recent.unwrap_or(c.recent);
         c.sink = raw.sink.unwrap_or(c.sink);
@@ -280,6 +282,16 @@ impl LogQuantConfig {
     /// Values per key group: tokens for per-channel keys, channels for per-token keys.
     pub fn key_group_size(&self) -> usize {
         self.key_group_size.unwrap_or(self.group_size)
+    }
+
+    /// Group keys `grouping`-wise (what `--kv-key-grouping` does). A key group size counts
+    /// tokens for per-channel keys and channels for per-token keys, so a change of grouping
+    /// drops it (back to `group_size`) unless it is set again afterwards.
+    pub fn set_key_grouping(&mut self, grouping: KeyGrouping) {
+        if grouping != self.key_grouping {
+            self.key_grouping = grouping;
+            self.key_group_size = None;
+        }
     }
 
     /// Set keys and values to `bits` (what `--kv-bits` does).
@@ -416,6 +428,9 @@ mod tests {
         assert_eq!(c.bits, 4);
         assert_eq!(c.key_grouping, KeyGrouping::PerToken);
         assert_eq!(c.window, 42);
+        // The default's 128-token key groups do not carry over as 128-channel groups.
+        assert_eq!(c.key_group_size(), c.group_size);
+        c.validate_for_head_dim(64).unwrap();
         assert!(serde_json::from_str::<LogQuantConfig>(r#"{"bitz": 4}"#).is_err());
         let c: LogQuantConfig = serde_json::from_str(
             r#"{"bits": 2, "key-bits": 4, "key-group-size": 128, "rotate": true}"#,

@@ -141,7 +141,13 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
                     args.kv_policy = Some(policy);
                 }
             }
-            ("default" | "passthrough", None) => {}
+            ("default" | "passthrough", None) => {
+                // The shared LogQuant flags are for the LogQuant entries: no warning here.
+                args = CacheArgs {
+                    kv_cache: Some(name.to_string()),
+                    ..Default::default()
+                };
+            }
             (other, None) => bail!(
                 "invalid value `{other}` for --configs (allowed: default, passthrough, \
                  logquant-portable, paper, {}, optionally with :OPTIONS)",

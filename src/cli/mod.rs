@@ -76,7 +76,7 @@ pub struct CacheArgs {
     /// the backend seam). [default: logquant]
     #[arg(long)]
     pub kv_cache: Option<String>,
-    /// Bits per quantized key and value: 2, 3, 4 or 8. [default: 2]
+    /// Bits per quantized key and value: 2, 3, 4 or 8. [default: keys 3, values 2]
     #[arg(long)]
     pub kv_bits: Option<u8>,
     /// Bits per quantized key (overrides --kv-bits for keys): 2, 3, 4 or 8.
@@ -91,8 +91,8 @@ pub struct CacheArgs {
     /// Values per scale/min group (must divide head_dim). [default: 64]
     #[arg(long)]
     pub kv_group_size: Option<usize>,
-    /// Key scale/min group: tokens per group for per-channel keys (e.g. 128), channels for
-    /// per-token keys. [default: --kv-group-size]
+    /// Key scale/min group: tokens per group for per-channel keys, channels for per-token
+    /// keys. [default: 128 per channel, --kv-group-size per token]
     #[arg(long)]
     pub kv_key_group_size: Option<usize>,
     /// Key grouping. [default: per-channel]
@@ -111,7 +111,7 @@ pub struct CacheArgs {
     #[arg(long, value_enum)]
     pub kv_kernel: Option<AttentionKernel>,
     /// Rotate keys and values by a normalized Hadamard transform over head_dim before
-    /// quantizing (`--kv-rotate` or `--kv-rotate true|false`). [default: false]
+    /// quantizing (`--kv-rotate` or `--kv-rotate true|false`). [default: true]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub kv_rotate: Option<bool>,
     /// A TOML file with `kv-cache = "..."` and a `[logquant]` table of the same options
@@ -179,9 +179,6 @@ impl CacheArgs {
         if let Some(v) = self.kv_value_bits {
             config.value_bits = Some(v);
         }
-        if let Some(v) = self.kv_key_group_size {
-            config.key_group_size = Some(v);
-        }
         if let Some(v) = self.kv_rotate {
             config.rotate = v;
         }
@@ -192,7 +189,10 @@ impl CacheArgs {
             config.group_size = v;
         }
         if let Some(v) = self.kv_key_grouping {
-            config.key_grouping = v;
+            config.set_key_grouping(v);
+        }
+        if let Some(v) = self.kv_key_group_size {
+            config.key_group_size = Some(v);
         }
         if let Some(v) = self.kv_policy {
             config.policy = v;
