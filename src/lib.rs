@@ -47,6 +47,5 @@ pub mod passthrough;
 pub mod policy;
 pub mod provenance;
 pub mod quant;
-pub mod reference;
 pub mod retrieval;
 pub mod store;

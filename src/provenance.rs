@@ -26,7 +26,7 @@ pub struct RunInfo {
     pub model: String,
     /// `model name` of /proc/cpuinfo; "unknown" elsewhere.
     pub cpu: String,
-    /// The SIMD tier the LogQuant kernel runs ([`SimdTier::detected`]).
+    /// The SIMD tier the LogQuant kernel runs ([`SimdTier::chosen`]).
     pub simd_tier: String,
     /// Threads of the rayon pool that candle's CPU ops and the kernel run on.
     pub threads: usize,
@@ -54,7 +54,7 @@ impl RunInfo {
                 .ok()
                 .and_then(|text| cpu_model(&text))
                 .unwrap_or_else(|| "unknown".to_string()),
-            simd_tier: format!("{:?}", SimdTier::detected()),
+            simd_tier: format!("{:?}", SimdTier::chosen()),
             threads: rayon::current_num_threads(),
             dtype: options.dtype.name().to_string(),
             weights: options
@@ -160,7 +160,7 @@ mod tests {
         }
         assert_eq!(info.model, "My-Model.Q4_1");
         assert_eq!(info.dtype, "f32");
-        assert_eq!(info.simd_tier, format!("{:?}", SimdTier::detected()));
+        assert_eq!(info.simd_tier, format!("{:?}", SimdTier::chosen()));
         assert!(info.threads >= 1);
         assert!(!info.cpu.is_empty());
         assert_eq!(

@@ -9,7 +9,7 @@ use candle_core::{Device, Result, Tensor, D};
 use mistralrs_core::kv_cache_backend::{AttentionParams, KvCacheBackend};
 use mistralrs_logquant::backend::LogQuantCache;
 use mistralrs_logquant::config::{AttentionKernel, KeyGrouping, LogQuantConfig, PolicyKind};
-use mistralrs_logquant::reference::{max_abs_diff, naive_attention, AttnShape};
+use mistralrs_logquant::kernels::reference::{max_abs_diff, naive_attention, AttnShape};
 use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use spec::{Rule, SpecSelection};
