@@ -80,9 +80,10 @@ pub enum ConfigError {
 /// Allowed widths of a quantized key or value.
 pub const ALLOWED_BITS: [u8; 4] = [2, 3, 4, 8];
 
-/// The LogQuant cache configuration. `Default` is the setting this crate recommends (3-bit keys
-/// grouped per channel over 128 tokens, 2-bit values, Hadamard rotation, W = 42: about 3.3 bits
-/// per cached value at 4k tokens; docs/results.md has the measurements that chose it);
+/// The LogQuant cache configuration. `Default` is the setting this crate recommends (4-bit keys
+/// grouped per channel over 64 tokens, 2-bit values, Hadamard rotation, W = 42: about 3.9 bits
+/// per cached value at 4k tokens; docs/results.md has the measurements that chose it, among
+/// them that 3-bit keys lose long-range retrieval);
 /// [`LogQuantConfig::paper`] is the paper's 2-bit setting.
 ///
 /// Deserialized (TOML `[logquant]`, JSON) over `Default`, with `bits` applied first and
@@ -119,8 +120,7 @@ pub struct LogQuantConfig {
 impl Default for LogQuantConfig {
     fn default() -> Self {
         Self {
-            key_bits: Some(3),
-            key_group_size: Some(128),
+            key_bits: Some(4),
             rotate: true,
             ..Self::paper()
         }
@@ -337,7 +337,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_is_k3v2_rotated_and_the_paper_is_two_bit() {
+    fn default_is_k4v2_rotated_and_the_paper_is_two_bit() {
         let c = LogQuantConfig::default().validate().unwrap();
         assert_eq!(
             (
@@ -346,7 +346,7 @@ mod tests {
                 c.key_group_size(),
                 c.group_size
             ),
-            (3, 2, 128, 64)
+            (4, 2, 64, 64)
         );
         assert!(c.rotate);
         assert_eq!(c.full_precision_budget(), 126);
@@ -428,9 +428,16 @@ mod tests {
         assert_eq!(c.bits, 4);
         assert_eq!(c.key_grouping, KeyGrouping::PerToken);
         assert_eq!(c.window, 42);
-        // The default's 128-token key groups do not carry over as 128-channel groups.
         assert_eq!(c.key_group_size(), c.group_size);
         c.validate_for_head_dim(64).unwrap();
+        // 128-token key groups do not carry over as 128-channel groups.
+        let mut wide = LogQuantConfig {
+            key_group_size: Some(128),
+            ..Default::default()
+        };
+        wide.set_key_grouping(KeyGrouping::PerToken);
+        assert_eq!(wide.key_group_size(), wide.group_size);
+        wide.validate_for_head_dim(64).unwrap();
         assert!(serde_json::from_str::<LogQuantConfig>(r#"{"bitz": 4}"#).is_err());
         let c: LogQuantConfig = serde_json::from_str(
             r#"{"bits": 2, "key-bits": 4, "key-group-size": 128, "rotate": true}"#,

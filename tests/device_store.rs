@@ -136,9 +136,19 @@ fn settings() -> Vec<(String, LogQuantConfig)> {
         },
     ));
     out.push((
-        "the default (k3v2, keys per channel over 128 tokens, rotated, G=64)".into(),
+        "the default (k4v2, keys per channel over 64 tokens, rotated, G=64)".into(),
         LogQuantConfig {
             window: 4,
+            kernel: AttentionKernel::Portable,
+            ..LogQuantConfig::default()
+        },
+    ));
+    out.push((
+        "k3v2, keys per channel over 128 tokens, rotated, G=64".into(),
+        LogQuantConfig {
+            window: 4,
+            key_bits: Some(3),
+            key_group_size: Some(128),
             kernel: AttentionKernel::Portable,
             ..LogQuantConfig::default()
         },

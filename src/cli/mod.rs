@@ -76,7 +76,7 @@ pub struct CacheArgs {
     /// the backend seam). [default: logquant]
     #[arg(long)]
     pub kv_cache: Option<String>,
-    /// Bits per quantized key and value: 2, 3, 4 or 8. [default: keys 3, values 2]
+    /// Bits per quantized key and value: 2, 3, 4 or 8. [default: keys 4, values 2]
     #[arg(long)]
     pub kv_bits: Option<u8>,
     /// Bits per quantized key (overrides --kv-bits for keys): 2, 3, 4 or 8.
@@ -92,7 +92,7 @@ pub struct CacheArgs {
     #[arg(long)]
     pub kv_group_size: Option<usize>,
     /// Key scale/min group: tokens per group for per-channel keys, channels for per-token
-    /// keys. [default: 128 per channel, --kv-group-size per token]
+    /// keys. [default: --kv-group-size]
     #[arg(long)]
     pub kv_key_group_size: Option<usize>,
     /// Key grouping. [default: per-channel]
