@@ -472,7 +472,7 @@ mod tests {
         let KvCacheChoice::LogQuant(c) = parse("logquant:norot").unwrap().remove(0) else {
             panic!("not logquant")
         };
-        assert_eq!((c.key_bits(), c.rotate), (3, false));
+        assert_eq!((c.key_bits(), c.rotate), (4, false));
         for bad in ["logquant:k9v2", "logquant:zz", "logquant:kxv2", "nope"] {
             let err = format!("{:#}", parse(bad).unwrap_err());
             assert!(
