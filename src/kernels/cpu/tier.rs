@@ -57,7 +57,7 @@ impl SimdTier {
     }
 }
 
-/// How [`attend_decode_with`] runs: the SIMD tier and the most tokens one task scores.
+/// How [`super::attend_with`] runs: the SIMD tier and the most tokens one task scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelPlan {
     pub tier: SimdTier,
