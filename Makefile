@@ -1,12 +1,12 @@
 # The two commands of the README: `make serve` and `make test`. Everything else is a helper.
-# Each target first makes sure the patched mistralrs-core exists (scripts/prepare-mistralrs-core.sh).
+# Each target first makes sure the patched crates exist (scripts/prepare-patched-crates.sh).
 CARGO ?= cargo
 ARGS ?=
 
 .PHONY: prepare build serve test check lint bench eval
 
 prepare:
-	@./scripts/prepare-mistralrs-core.sh
+	@./scripts/prepare-patched-crates.sh
 
 build: prepare
 	$(CARGO) build --release --locked

@@ -5,6 +5,40 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::policy::PolicyKind;
+use crate::policy::{Policy, Selection};
+
+/// Bits of one group's f16 scale and f16 minimum (see `quant`).
+const SCALE_MIN_BITS: f64 = 32.0;
+
+/// The memory arithmetic of the spec (section 5), generalized to separate key and value widths
+/// and key groups: how many of a sequence's tokens are quantized, and what each costs.
+/// Per layer and KV head, a token holds `head_dim` keys and `head_dim` values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheFootprint {
+    pub tokens: usize,
+    /// Tokens stored as codes (keys and values).
+    pub quantized: usize,
+    /// Tokens in the activation dtype: the policy's selection plus keys staged for a group.
+    pub full_precision: usize,
+    /// Bits per quantized key, its share of the group's scale and min included.
+    pub key_bits_per_value: f64,
+    /// Bits per quantized value (V), likewise.
+    pub value_bits_per_value: f64,
+}
+
+impl CacheFootprint {
+    /// Mean bits per cached key or value, all overhead included, with full-precision tokens at
+    /// `full_precision_bits` (16 for a 16-bit model, 32 for f32). A 16-bit default cache is 16.
+    pub fn bits_per_value(&self, full_precision_bits: u32) -> f64 {
+        if self.tokens == 0 {
+            return 0.0;
+        }
+        let quantized =
+            self.quantized as f64 * (self.key_bits_per_value + self.value_bits_per_value) / 2.0;
+        let full = self.full_precision as f64 * f64::from(full_precision_bits);
+        (quantized + full) / self.tokens as f64
+    }
+}
 
 /// How keys are grouped for quantization. Values are always grouped per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -306,6 +340,32 @@ impl LogQuantConfig {
         self.policy.full_precision_budget(self)
     }
 
+    /// Where a sequence's `tokens` cached tokens sit under this configuration, after a
+    /// prefill of `tokens - 1` and one decode step (what a prompt and its first generated token
+    /// leave): see [`CacheFootprint`].
+    pub fn footprint(&self, tokens: usize) -> CacheFootprint {
+        let mut selection = Selection::new(Policy::from_config(self));
+        let mut evicted = selection.admit(tokens.saturating_sub(1)).len();
+        if tokens > 0 {
+            evicted += selection.admit(1).len();
+        }
+        // Per-channel keys are quantized in whole key groups; the rest wait, staged, in the
+        // activation dtype. Per-token keys quantize every evicted token at once.
+        let quantized = match self.key_grouping {
+            KeyGrouping::PerChannel => evicted / self.key_group_size() * self.key_group_size(),
+            KeyGrouping::PerToken => evicted,
+        };
+        CacheFootprint {
+            tokens,
+            quantized,
+            full_precision: tokens - quantized,
+            key_bits_per_value: f64::from(self.key_bits())
+                + SCALE_MIN_BITS / self.key_group_size() as f64,
+            value_bits_per_value: f64::from(self.value_bits())
+                + SCALE_MIN_BITS / self.group_size as f64,
+        }
+    }
+
     /// One line for logs and `/v1/kv-cache`.
     pub fn describe(&self) -> String {
         let policy = self.policy.describe(self);
@@ -335,6 +395,36 @@ impl LogQuantConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hand-computed from the spec's arithmetic (section 5): 126 selected + 2 staged tokens at
+    /// 16 bits and 3968 quantized, each key `bits + 32 / key group`, each value `bits + 32 / 64`.
+    #[test]
+    fn footprint_at_4096_tokens_matches_the_hand_count() {
+        let paper = LogQuantConfig::paper().footprint(4096);
+        assert_eq!((paper.quantized, paper.full_precision), (3968, 128));
+        assert!((paper.bits_per_value(16) - (16.0 * 128.0 + 2.5 * 3968.0) / 4096.0).abs() < 1e-12);
+        let default = LogQuantConfig::default().footprint(4096);
+        assert!((default.bits_per_value(16) - 3.890625).abs() < 1e-12);
+        let small = LogQuantConfig {
+            key_bits: Some(3),
+            key_group_size: Some(128),
+            ..LogQuantConfig::default()
+        }
+        .footprint(4096);
+        // 3970 evicted: 31 groups of 128 quantized, 2 staged.
+        assert_eq!((small.quantized, small.full_precision), (3968, 128));
+        assert!((small.bits_per_value(16) - (2048.0 + 2.875 * 3968.0) / 4096.0).abs() < 1e-12);
+        let per_token = LogQuantConfig {
+            key_grouping: KeyGrouping::PerToken,
+            ..LogQuantConfig::paper()
+        }
+        .footprint(4096);
+        assert_eq!(per_token.quantized, 4096 - 126);
+        assert_eq!(
+            LogQuantConfig::default().footprint(0).bits_per_value(16),
+            0.0
+        );
+    }
 
     #[test]
     fn default_is_k4v2_rotated_and_the_paper_is_two_bit() {

@@ -50,6 +50,17 @@ impl KvCacheChoice {
         }
     }
 
+    /// Mean bits per cached key or value after `tokens` tokens of a 16-bit model, all overhead
+    /// included ([`crate::config::CacheFootprint`]): 16 for the default cache, `None` for a
+    /// backend this crate cannot see into.
+    pub fn bits_per_value(&self, tokens: usize) -> Option<f64> {
+        match self {
+            Self::Default => Some(16.0),
+            Self::LogQuant(config) => Some(config.footprint(tokens).bits_per_value(16)),
+            Self::Backend(_) => None,
+        }
+    }
+
     /// A label for tables: the name, and LogQuant's settings.
     pub fn label(&self) -> String {
         match self {
@@ -124,12 +135,16 @@ impl Dtype {
 /// How a GGUF model's quantized weights run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Weights {
-    /// `f32` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU
-    /// whose architecture mistral.rs loads that way ([`F32_WEIGHTS_ARCHITECTURES`]), `as-is`
-    /// otherwise.
+    /// `q8_0` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU,
+    /// `as-is` otherwise.
     Auto,
-    /// Dequantized to f32 once at load (candle's `CANDLE_DEQUANTIZE_ALL`): matmuls then run
-    /// on candle's SIMD f32 GEMM. Costs 4 bytes per parameter of memory.
+    /// On the CPU, tensors of the types candle has no SIMD kernel for (Q4_1, Q5_0, Q5_1) are
+    /// requantized to Q8_0 at load, the rest kept as stored: decoding runs candle's SIMD
+    /// Q8_0 dot products on every core. Costs about 1.06 bytes per parameter.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// Dequantized to f32 once at load (candle's `CANDLE_DEQUANTIZE_ALL`): every matmul runs
+    /// on candle's f32 GEMM. Costs 4 bytes per parameter.
     F32,
     /// As stored: candle's quantized matmuls (on the CPU, Q4_1 has only a scalar kernel).
     #[value(name = "as-is")]
@@ -140,9 +155,9 @@ pub enum Weights {
 /// `quantized/mod.rs`: set, non-empty and not "0").
 const DEQUANTIZE_ALL_ENV: &str = "CANDLE_DEQUANTIZE_ALL";
 
-/// Below this many parameters, `--weights auto` dequantizes a GGUF model on the CPU: SmolLM2
-/// 135M goes from ~26 to ~300 prefill tokens/s on 2 cores for +450 MiB (docs/results.md);
-/// at 1B the f32 weights take 4 GiB, which a user of a quantized file did not ask for.
+/// Below this many parameters, `--weights auto` requantizes a GGUF model's scalar-only
+/// tensors to Q8_0 on the CPU (docs/results.md, "The default command on the CPU"); at 1B the
+/// Q8_0 copy of a Q4_1 file takes 0.4 GiB more, which a user of a quantized file did not ask for.
 pub const SMALL_MODEL_PARAMETERS: u64 = 1_000_000_000;
 
 impl Weights {
@@ -150,6 +165,7 @@ impl Weights {
     pub fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
+            Self::Q8_0 => "q8_0",
             Self::F32 => "f32",
             Self::AsIs => "as-is",
         }
@@ -244,10 +260,10 @@ impl EngineOptions {
         }
     }
 
-    /// `weights` with `auto` decided: [`Weights::F32`] or [`Weights::AsIs`]. A safetensors
-    /// model is `as-is` (its weights are not quantized). `auto` is f32 for a GGUF model under
-    /// [`SMALL_MODEL_PARAMETERS`] on the CPU whose architecture accepts it
-    /// ([`F32_WEIGHTS_ARCHITECTURES`]); an explicit `f32` for another architecture is an error.
+    /// `weights` with `auto` decided: [`Weights::Q8_0`] for a GGUF model under
+    /// [`SMALL_MODEL_PARAMETERS`] on the CPU, else [`Weights::AsIs`]. A safetensors model is
+    /// `as-is` (its weights are not quantized); an explicit `f32` for an architecture whose
+    /// loader needs quantized tensors ([`F32_WEIGHTS_ARCHITECTURES`]) is an error.
     pub fn effective_weights(&self) -> Result<Weights> {
         let ModelSource::Gguf(path) = &self.model else {
             return Ok(Weights::AsIs);
@@ -259,17 +275,12 @@ impl EngineOptions {
         Ok(match self.weights {
             Weights::F32 if !gguf.accepts_f32_weights() => bail!(
                 "--weights f32: mistral.rs 0.8.1 loads {} GGUF models with quantized weights only \
-                 (use --weights as-is)",
+                 (use --weights q8_0 or as-is)",
                 gguf.architecture
             ),
-            Weights::Auto
-                if !(self.cpu
-                    && gguf.parameters < SMALL_MODEL_PARAMETERS
-                    && gguf.accepts_f32_weights()) =>
-            {
-                Weights::AsIs
-            }
-            _ => Weights::F32,
+            Weights::Auto if self.cpu && gguf.parameters < SMALL_MODEL_PARAMETERS => Weights::Q8_0,
+            Weights::Auto => Weights::AsIs,
+            chosen => chosen,
         })
     }
 }
@@ -382,6 +393,7 @@ async fn load_with_weights(
 ) -> Result<Arc<MistralRs>> {
     let value = if weights == Weights::F32 { "1" } else { "0" };
     std::env::set_var(DEQUANTIZE_ALL_ENV, value);
+    mistralrs_quant::set_cpu_gguf_requantize(weights == Weights::Q8_0);
     let (sender, receiver) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("model-load".to_string())
@@ -408,6 +420,13 @@ fn log_weights(path: &Path, weights: Weights) {
              --weights as-is keeps them quantized)",
             parameters as f64 / 1e6,
             (parameters * 4).saturating_sub(file_bytes) >> 20
+        ),
+        Weights::Q8_0 => tracing::info!(
+            "weights: {:.0}M parameters, Q4_1/Q5_0/Q5_1 tensors requantized to Q8_0 at load \
+             (SIMD dot products; prompts of {}+ tokens run on weights dequantized per matmul); \
+             --weights as-is keeps them as stored",
+            parameters as f64 / 1e6,
+            mistralrs_quant::CPU_GEMM_MIN_ROWS
         ),
         _ => tracing::info!(
             "weights: {:.0}M parameters run as stored ({} MiB)",

@@ -36,6 +36,10 @@ pub struct EvalRow {
     /// KV-cache bytes at the end of the run, and what the default cache would hold.
     pub cache_bytes: usize,
     pub dense_cache_bytes: usize,
+    /// Mean bits per cached value at 4096 tokens of a 16-bit model, all overhead included
+    /// (`KvCacheChoice::bits_per_value`); absent in JSON written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_value_4k: Option<f64>,
 }
 
 /// exp(mean negative log-likelihood).
@@ -144,6 +148,7 @@ pub async fn evaluate(
             nll: logprobs.iter().map(|l| -l).collect(),
             cache_bytes: usage.bytes,
             dense_cache_bytes: usage.dense_bytes,
+            bits_per_value_4k: config.bits_per_value(4096),
         });
         if reference.is_none() {
             reference = Some(steps);

@@ -64,6 +64,10 @@ pub struct CopyRow {
     pub cache_bytes: usize,
     pub dense_cache_bytes: usize,
     pub cached_tokens: usize,
+    /// Mean bits per cached value at 4096 tokens of a 16-bit model, all overhead included
+    /// (`KvCacheChoice::bits_per_value`); absent in JSON written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_value_4k: Option<f64>,
 }
 
 /// Fraction of `expected`'s words that `generated` reproduces before its first wrong word.
@@ -197,6 +201,7 @@ pub async fn evaluate_copy(
             cache_bytes: usage.bytes,
             dense_cache_bytes: usage.dense_bytes,
             cached_tokens: usage.tokens,
+            bits_per_value_4k: config.bits_per_value(4096),
         });
     }
     Ok(rows)

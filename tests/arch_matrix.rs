@@ -406,8 +406,9 @@ async fn deepseek2_mla_with_logquant_is_a_clear_error() {
 }
 
 /// `--weights`: the GGUF loaders of phi2, phi3 and starcoder2 in mistral.rs 0.8.1 take their
-/// MLP matrices apart as quantized tensors (an `unreachable!()` on f32 ones), so `auto` keeps
-/// them quantized and an explicit `f32` is refused with one line before anything loads.
+/// MLP matrices apart as quantized tensors (an `unreachable!()` on f32 ones), so an explicit
+/// `f32` is refused with one line before anything loads; `auto` (Q8_0 for small models on the
+/// CPU, which keeps tensors quantized) loads them and answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f32_weights_are_refused_where_the_gguf_loader_cannot_take_them() {
     use mistralrs_logquant::engine::Weights;
@@ -417,20 +418,24 @@ async fn f32_weights_are_refused_where_the_gguf_loader_cannot_take_them() {
         let mut options = EngineOptions::new(model.source.clone(), KvCacheChoice::Default);
         assert_eq!(
             options.effective_weights().unwrap(),
-            Weights::AsIs,
+            Weights::Q8_0,
             "{arch:?}"
         );
+        let engine = build_engine(&options).await.expect("q8_0 weights load");
+        drop(engine);
         options.weights = Weights::F32;
         let message = match build_engine(&options).await {
             Err(e) => format!("{e:#}"),
             Ok(_) => panic!("{arch:?}: f32 weights loaded"),
         };
         assert!(
-            message.contains("--weights as-is") && message.lines().count() == 1,
+            message.contains("--weights q8_0 or as-is") && message.lines().count() == 1,
             "{arch:?}: {message}"
         );
     }
     let llama = TinyModel::write(Arch::Llama, Form::Gguf);
-    let options = EngineOptions::new(llama.source.clone(), KvCacheChoice::Default);
+    let mut options = EngineOptions::new(llama.source.clone(), KvCacheChoice::Default);
+    assert_eq!(options.effective_weights().unwrap(), Weights::Q8_0);
+    options.weights = Weights::F32;
     assert_eq!(options.effective_weights().unwrap(), Weights::F32);
 }

@@ -179,17 +179,20 @@ async fn eight_bit_greedy_output_agrees_with_the_default_cache() {
     }
 }
 
-/// `--weights` applies per engine, in one process: a default-cache engine with the weights as
-/// stored (Q4_1, candle's quantized matmuls) scores a text differently from one with them
-/// dequantized to f32 (the `auto` default here), yet both are the same model (same greedy
-/// tokens almost everywhere, a small KL); and an `as-is` engine built after the f32 one scores
-/// exactly like the first, so candle's per-thread switch did not stick to the process.
+/// `--weights` applies per engine, in one process: default-cache engines with the weights as
+/// stored (Q4_1, candle's scalar quantized matmuls), dequantized to f32, and requantized to
+/// Q8_0 each score a text differently, yet all are the same model (same greedy tokens almost
+/// everywhere, a small KL against the stored weights); and an `as-is` engine built after the
+/// others scores exactly like the first, so neither candle's per-thread switch nor the
+/// requantize switch stuck to the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_mode_is_per_engine_and_changes_only_the_matmuls() {
     use mistralrs_logquant::engine::Weights;
+    use mistralrs_logquant::generate::ScoredStep;
     let text = &passages()[1];
+    let modes = [Weights::AsIs, Weights::F32, Weights::Q8_0, Weights::AsIs];
     let mut runs = Vec::new();
-    for weights in [Weights::AsIs, Weights::Auto, Weights::AsIs] {
+    for weights in modes {
         let engine = engine_with(KvCacheChoice::Default, |o| o.weights = weights).await;
         let tokens = tokens(&engine, text).await;
         let steps = score_teacher_forced(
@@ -202,45 +205,45 @@ async fn weights_mode_is_per_engine_and_changes_only_the_matmuls() {
         .expect("scoring");
         runs.push(steps);
     }
-    let largest_difference =
-        |a: &[mistralrs_logquant::generate::ScoredStep],
-         b: &[mistralrs_logquant::generate::ScoredStep]| {
-            a.iter()
-                .zip(b)
-                .flat_map(|(x, y)| {
-                    let (p, q) = (
-                        x.distribution.as_ref().unwrap(),
-                        y.distribution.as_ref().unwrap(),
-                    );
-                    p.iter()
-                        .zip(q)
-                        .map(|(u, v)| (u - v).abs())
-                        .collect::<Vec<_>>()
-                })
-                .fold(0f32, f32::max)
-        };
+    let largest_difference = |a: &[ScoredStep], b: &[ScoredStep]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| {
+                let (p, q) = (
+                    x.distribution.as_ref().unwrap(),
+                    y.distribution.as_ref().unwrap(),
+                );
+                p.iter()
+                    .zip(q)
+                    .map(|(u, v)| (u - v).abs())
+                    .collect::<Vec<_>>()
+            })
+            .fold(0f32, f32::max)
+    };
     assert_eq!(
-        largest_difference(&runs[0], &runs[2]),
+        largest_difference(&runs[0], &runs[3]),
         0.0,
-        "as-is after f32 is not as-is"
+        "as-is after f32 and q8_0 is not as-is"
     );
-    let f32_vs_as_is = largest_difference(&runs[0], &runs[1]);
-    assert!(
-        f32_vs_as_is > 1e-3,
-        "f32 weights score exactly like Q4_1 ones ({f32_vs_as_is}): not dequantized"
-    );
-    let (mut kl, mut agree) = (0.0, 0);
-    for (a, b) in runs[0].iter().zip(&runs[1]) {
-        let (p, q) = (
-            a.distribution.as_ref().unwrap(),
-            b.distribution.as_ref().unwrap(),
+    for (run, mode) in runs.iter().zip(modes).skip(1).take(2) {
+        let vs_as_is = largest_difference(&runs[0], run);
+        assert!(
+            vs_as_is > 1e-3,
+            "{mode:?} weights score exactly like Q4_1 ones ({vs_as_is}): not converted"
         );
-        kl += mistralrs_logquant::eval::kl_divergence(q, p);
-        agree += usize::from(a.argmax == b.argmax);
+        let (mut kl, mut agree) = (0.0, 0);
+        for (a, b) in runs[0].iter().zip(run) {
+            let (p, q) = (
+                a.distribution.as_ref().unwrap(),
+                b.distribution.as_ref().unwrap(),
+            );
+            kl += mistralrs_logquant::eval::kl_divergence(q, p);
+            agree += usize::from(a.argmax == b.argmax);
+        }
+        let kl = kl / runs[0].len() as f64;
+        assert!(
+            kl < 0.05 && agree >= 20,
+            "{mode:?} and Q4_1 weights disagree: mean KL {kl}, top-1 agreement {agree}/24"
+        );
     }
-    let kl = kl / runs[0].len() as f64;
-    assert!(
-        kl < 0.05 && agree >= 20,
-        "f32 and Q4_1 weights disagree: mean KL {kl}, top-1 agreement {agree}/24"
-    );
 }

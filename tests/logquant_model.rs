@@ -104,6 +104,7 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     );
     assert_eq!(usage.bytes, analytic_bytes(q, f, 4), "{usage:?}");
     assert_eq!(usage.dense_bytes, 4096 * smollm2_dense_bytes_per_token(4));
+    assert_footprint_is_the_counter(4096, 32, &usage);
     // A 16-bit model holds the same tokens the same way, with 2-byte full-precision rows.
     let sixteen_bit_default = 4096 * smollm2_dense_bytes_per_token(2);
     let ratio_16 = sixteen_bit_default as f64 / analytic_bytes(q, f, 2) as f64;
@@ -136,6 +137,29 @@ async fn cache_bytes_at_4096_tokens_are_over_5x_below_the_16_bit_default() {
     let (q, f) = spec_counts(511);
     assert_eq!(usage.bytes, analytic_bytes(q, f, 2), "{usage:?}");
     assert_eq!(usage.dense_bytes, 512 * smollm2_dense_bytes_per_token(2));
+    assert_footprint_is_the_counter(512, 16, &usage);
+}
+
+/// `LogQuantConfig::footprint` (the bits per value that `eval` records and plots) against the
+/// engine's counter, which sums tensor sizes: same token split, same bytes for SmolLM2's
+/// 30 layers x 3 KV heads x 64 channels of keys and of values per token.
+fn assert_footprint_is_the_counter(
+    tokens: usize,
+    activation_bits: u32,
+    usage: &mistralrs_core::kv_cache_backend::LayerUsage,
+) {
+    let footprint = LogQuantConfig::paper().footprint(tokens);
+    assert_eq!(
+        (footprint.quantized, footprint.full_precision),
+        (usage.quantized_tokens, usage.full_precision_tokens)
+    );
+    let values = (tokens * 30 * 3 * 64 * 2) as f64;
+    let bytes = footprint.bits_per_value(activation_bits) * values / 8.0;
+    assert!(
+        (bytes - usage.bytes as f64).abs() < 0.5,
+        "footprint {bytes} bytes, counter {}",
+        usage.bytes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,7 +350,7 @@ pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
             points,
         });
     }
-    vec![
+    let mut charts = vec![
         Chart {
             title: format!("Log-perplexity by position (bins of {bin} tokens)"),
             x_label: "context (tokens cached before the scored token)".into(),
@@ -363,18 +363,96 @@ pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
             y_label: "nats per token above default".into(),
             series: excess,
         },
-    ]
+    ];
+    let reference = rows.first().map(|r| r.perplexity);
+    let quality: Vec<(String, Option<f64>, f64)> = rows
+        .iter()
+        .skip(1)
+        .map(|r| {
+            let excess = reference.map_or(f64::NAN, |d| 100.0 * (r.perplexity / d - 1.0));
+            (r.config.clone(), r.bits_per_value_4k, excess)
+        })
+        .collect();
+    if let Some(chart) = pareto_chart(
+        "Perplexity excess against memory",
+        "perplexity above the default cache (%)",
+        &quality,
+        false,
+        None,
+    ) {
+        charts.push(chart);
+    }
+    charts
+}
+
+/// Quality against bits per cached value at 4k tokens: one point per configuration that
+/// records its bits, and the Pareto front through those no other point beats on both (fewer
+/// or equal bits and better quality). `None` when fewer than one point has its bits.
+/// `reference`, if given, is drawn as a horizontal line across the points (the default cache).
+fn pareto_chart(
+    title: &str,
+    y_label: &str,
+    points: &[(String, Option<f64>, f64)],
+    higher_is_better: bool,
+    reference: Option<(String, f64)>,
+) -> Option<crate::plot::Chart> {
+    use crate::plot::{Chart, Series};
+    let mut placed: Vec<(&str, f64, f64)> = points
+        .iter()
+        .filter_map(|(label, bits, y)| Some((label.as_str(), (*bits)?, *y)))
+        .filter(|(_, x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    if placed.is_empty() {
+        return None;
+    }
+    placed.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let better = |a: f64, b: f64| if higher_is_better { a > b } else { a < b };
+    let mut front: Vec<(f64, f64)> = Vec::new();
+    for &(_, x, y) in &placed {
+        if front.last().is_none_or(|&(_, best)| better(y, best)) {
+            front.push((x, y));
+        }
+    }
+    let (lo, hi) = (placed[0].1, placed[placed.len() - 1].1);
+    let mut series = vec![Series {
+        label: "Pareto front".into(),
+        points: front,
+    }];
+    if let Some((label, y)) = reference {
+        series.push(Series {
+            label,
+            points: vec![(lo, y), (hi, y)],
+        });
+    }
+    series.extend(points.iter().filter_map(|(label, bits, y)| {
+        Some(Series {
+            label: format!("{label} ({:.2} bits)", (*bits)?),
+            points: vec![((*bits)?, *y)],
+        })
+    }));
+    Some(Chart {
+        title: title.into(),
+        x_label: "bits per cached value at 4k tokens (16-bit model, all overhead)".into(),
+        y_label: y_label.into(),
+        series,
+    })
+}
+
+/// A table cell for bits per value: two decimals, or "-" where the run did not record them.
+fn bits_cell(bits: Option<f64>) -> String {
+    bits.map_or_else(|| "-".into(), |b| format!("{b:.2}"))
 }
 
 /// A Markdown table of the rows.
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = String::from(
-        "| config | perplexity | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|\n",
+        "| config | bits/value at 4k | perplexity | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {:.3} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
+            "| {} | {} | {:.3} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
             r.config,
+            bits_cell(r.bits_per_value_4k),
             r.perplexity,
             r.kl_vs_default,
             r.top1_agreement,
@@ -391,15 +469,19 @@ pub fn copy_table(rows: &[CopyRow]) -> String {
     let Some(first) = rows.first() else {
         return String::new();
     };
-    let mut out = String::from("| config |");
+    let mut out = String::from("| config | bits/value at 4k |");
     for c in &first.cells {
         out.push_str(&format!(" copy, {} filler | vs default |", c.filler));
     }
-    out.push_str(" KV bytes (last prompt) | vs default |\n|---|");
+    out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|");
     out.push_str(&"---|---|".repeat(first.cells.len()));
     out.push_str("---|---|\n");
     for r in rows {
-        out.push_str(&format!("| {} |", r.config));
+        out.push_str(&format!(
+            "| {} | {} |",
+            r.config,
+            bits_cell(r.bits_per_value_4k)
+        ));
         for (c, d) in r.cells.iter().zip(&first.cells) {
             let ratio = if d.mean > 0.0 {
                 format!("{:.2}", c.mean / d.mean)
@@ -425,7 +507,7 @@ pub fn copy_table(rows: &[CopyRow]) -> String {
 /// Mean copy score against filler length, one line per configuration.
 pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
     use crate::plot::{Chart, Series};
-    vec![Chart {
+    let mut charts = vec![Chart {
         title: "Copy score after a filler".into(),
         x_label: "filler (tokens between the passage and its repetition)".into(),
         y_label: "fraction of words copied before the first error".into(),
@@ -436,13 +518,54 @@ pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
                 points: r.cells.iter().map(|c| (c.filler as f64, c.mean)).collect(),
             })
             .collect(),
-    }]
+    }];
+    // The Pareto panel at the longest filler: where quantization error hurts retrieval most.
+    let at_longest = |r: &CopyRow| r.cells.last().map(|c| (c.filler, c.mean));
+    if let Some((filler, default_score)) = rows.first().and_then(at_longest) {
+        let quality: Vec<(String, Option<f64>, f64)> = rows
+            .iter()
+            .skip(1)
+            .filter_map(|r| Some((r.config.clone(), r.bits_per_value_4k, at_longest(r)?.1)))
+            .collect();
+        let reference = (format!("{} (16 bits)", rows[0].config), default_score);
+        if let Some(chart) = pareto_chart(
+            &format!("Copy score at {filler} filler against memory"),
+            "fraction of words copied before the first error",
+            &quality,
+            true,
+            Some(reference),
+        ) {
+            charts.push(chart);
+        }
+    }
+    charts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use mistralrs_logquant::config::LogQuantConfig;
+
+    /// Hand-made points: the front keeps each point that beats every one with fewer bits.
+    #[test]
+    fn the_pareto_front_keeps_the_undominated_points() {
+        let points = vec![
+            ("c".to_string(), Some(4.0), 0.9),
+            ("a".to_string(), Some(3.0), 0.5),
+            ("b".to_string(), Some(3.5), 0.4),
+            ("no bits".to_string(), None, 1.0),
+        ];
+        let chart = pareto_chart("t", "y", &points, true, Some(("ref".into(), 0.8))).unwrap();
+        assert_eq!(chart.series[0].points, vec![(3.0, 0.5), (4.0, 0.9)]);
+        assert_eq!(chart.series[1].points, vec![(3.0, 0.8), (4.0, 0.8)]);
+        // One single-point series per configuration with bits, labelled with them.
+        let labels: Vec<&str> = chart.series[2..].iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["c (4.00 bits)", "a (3.00 bits)", "b (3.50 bits)"]);
+        // Lower is better (perplexity excess): the dominated point is now 'c'.
+        let chart = pareto_chart("t", "y", &points, false, None).unwrap();
+        assert_eq!(chart.series[0].points, vec![(3.0, 0.5), (3.5, 0.4)]);
+        assert!(pareto_chart("t", "y", &points[3..], true, None).is_none());
+    }
 
     #[test]
     fn config_entries_take_colon_separated_options() {
