@@ -396,8 +396,10 @@ impl LogQuantConfig {
 mod tests {
     use super::*;
 
-    /// Hand-computed from the spec's arithmetic (section 5): 126 selected + 2 staged tokens at
-    /// 16 bits and 3968 quantized, each key `bits + 32 / key group`, each value `bits + 32 / 64`.
+    /// Hand-computed from the spec's arithmetic (section 5). After a 4095-token prefill and one
+    /// step, W=42 holds 106 tokens (between 2W and 3W) and has evicted 3990: 3968 quantized
+    /// (whole key groups of 64 or 128) and 22 staged, so 128 at 16 bits; each quantized key
+    /// costs `bits + 32 / key group`, each value `bits + 32 / 64`.
     #[test]
     fn footprint_at_4096_tokens_matches_the_hand_count() {
         let paper = LogQuantConfig::paper().footprint(4096);
@@ -411,7 +413,7 @@ mod tests {
             ..LogQuantConfig::default()
         }
         .footprint(4096);
-        // 3970 evicted: 31 groups of 128 quantized, 2 staged.
+        // 3990 evicted: 31 groups of 128 quantized, 22 staged.
         assert_eq!((small.quantized, small.full_precision), (3968, 128));
         assert!((small.bits_per_value(16) - (2048.0 + 2.875 * 3968.0) / 4096.0).abs() < 1e-12);
         let per_token = LogQuantConfig {
@@ -419,7 +421,8 @@ mod tests {
             ..LogQuantConfig::paper()
         }
         .footprint(4096);
-        assert_eq!(per_token.quantized, 4096 - 126);
+        // Per-token keys quantize every evicted token at once: nothing staged.
+        assert_eq!((per_token.quantized, per_token.full_precision), (3990, 106));
         assert_eq!(
             LogQuantConfig::default().footprint(0).bits_per_value(16),
             0.0
