@@ -4,7 +4,7 @@
 //! Oracle: the default cache copies a 100-token passage back after 300 tokens of unrelated text
 //! (measured 0.81 of the words, 2 of 3 verbatim), while LogQuant's `none` policy at 2 bits
 //! (every token quantized once a key group is full) gets almost nothing right (0.05). Weights run
-//! as f32 (`Weights::Auto` for this small model) for speed; both caches see the same prompts in
+//! as f32 (`--weights f32`, the setting the scores were measured with); both caches see the same prompts in
 //! one process.
 
 mod common;
@@ -31,8 +31,10 @@ async fn default_cache_copies_what_an_all_quantized_cache_loses() {
         policy: PolicyKind::None,
         ..LogQuantConfig::paper()
     });
+    let mut base = mistralrs_logquant::engine::EngineOptions::new(model(), KvCacheChoice::Default);
+    base.weights = mistralrs_logquant::engine::Weights::F32;
     let rows = evaluate_copy(
-        &mistralrs_logquant::engine::EngineOptions::new(model(), KvCacheChoice::Default),
+        &base,
         text,
         &settings,
         &[KvCacheChoice::Default, broken],

@@ -13,6 +13,12 @@ pub fn model() -> ModelSource {
     ModelSource::default_model().expect("default model")
 }
 
+/// An engine on the shared model with f32 weights, not the CPU default (`q8_0`): these tests
+/// compare caches and kernels to 1e-3, and candle's Q8_0 matmul quantizes each activation row
+/// to 8 bits, so a 1e-6 difference in attention can flip a code and move a log-probability by
+/// whole tenths (measured 0.9 in `fused_decode_equals_the_default_cache...`). The default
+/// weights are covered by `weights_mode_is_per_engine...`, the architecture matrix and the
+/// server tests.
 pub async fn engine(cache: KvCacheChoice) -> Arc<MistralRs> {
     engine_with(cache, |_| {}).await
 }
@@ -22,6 +28,7 @@ pub async fn engine_with(
     configure: impl FnOnce(&mut EngineOptions),
 ) -> Arc<MistralRs> {
     let mut options = EngineOptions::new(model(), cache);
+    options.weights = mistralrs_logquant::engine::Weights::F32;
     configure(&mut options);
     build_engine(&options).await.expect("engine")
 }
