@@ -364,12 +364,12 @@ pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
             series: excess,
         },
     ];
-    let reference = rows.first().map(|r| r.perplexity);
+    let default_perplexity = rows.first().map(|r| r.perplexity);
     let quality: Vec<(String, Option<f64>, f64)> = rows
         .iter()
         .skip(1)
         .map(|r| {
-            let excess = reference.map_or(f64::NAN, |d| 100.0 * (r.perplexity / d - 1.0));
+            let excess = default_perplexity.map_or(f64::NAN, |d| 100.0 * (r.perplexity / d - 1.0));
             (r.config.clone(), r.bits_per_value_4k, excess)
         })
         .collect();
