@@ -3,7 +3,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: prepare build serve test check lint bench eval
+.PHONY: prepare build serve test check lint bench eval build-cuda device-check-bundle
 
 prepare:
 	@./scripts/prepare-patched-crates.sh
@@ -26,3 +26,12 @@ check: prepare
 lint: prepare
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+# Not one of the two commands, and never in CI: a release binary with `--features cuda`, built
+# here without a GPU (pinned CUDA 13.0 wheels into target/cuda-toolkit; target/cuda).
+build-cuda:
+	./scripts/build-cuda.sh
+
+# What scripts/device-check.sh runs on a GPU machine: the CUDA binary and test, bundled.
+device-check-bundle: build-cuda
+	./scripts/device-check.sh --prepare

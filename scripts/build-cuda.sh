@@ -11,6 +11,7 @@
 #    `libcuda.so` stub (cudarc links the driver API; the real driver is loaded at run time).
 # 3. Builds into target/cuda with CUDA_COMPUTE_CAP (default 90: H100/H200) and no flash-attn.
 #
+# `scripts/build-cuda.sh --test NAME` builds the test binary of tests/NAME.rs instead.
 # Environment: CUDA_COMPUTE_CAP (default 90), CUDA_TOOLKIT_DIR (default target/cuda-toolkit),
 # CARGO_BUILD_JOBS as usual. The binary: target/cuda/release/mistralrs-logquant.
 set -euo pipefail
@@ -42,7 +43,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   rm -rf "$toolkit_dir"
   mkdir -p "$toolkit_dir"
   # --no-deps: the pins above are the whole set; resolving would pull newer CUDA releases.
-  "$python" -m pip install --quiet --disable-pip-version-check --no-deps \
+  "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
     --target "$toolkit_dir/site" "${packages[@]}" \
     || die "pip could not install the pinned CUDA wheels (${packages[*]})"
   echo "$want" > "$stamp"
@@ -80,6 +81,14 @@ export LD_LIBRARY_PATH="$cuda_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 ./scripts/prepare-patched-crates.sh
 start=$(date +%s)
+if [ "${1:-}" = "--test" ]; then
+  # A test binary for scripts/device-check.sh (same features and target dir, so nothing else
+  # is rebuilt).
+  [ -n "${2:-}" ] || die "--test needs a test name (a file of tests/)"
+  cargo test --release --locked --features cuda --target-dir "$root/target/cuda" --no-run --test "$2"
+  echo "build-cuda: test $2 built in $(( $(date +%s) - start )) s"
+  exit 0
+fi
 cargo build --release --locked --features cuda --target-dir "$root/target/cuda" --bin mistralrs-logquant
 echo "build-cuda: target/cuda/release/mistralrs-logquant built in $(( $(date +%s) - start )) s" \
   "(CUDA 13.0, compute capability $compute_cap)"

@@ -6,6 +6,10 @@
 //! Every test ends by checking that no store on the device path attempted a host read
 //! ([`device_path_host_reads`]); an attempt is also an error, which fails the test where it
 //! happens.
+//!
+//! The device-path caches run on [`test_device`]: the CPU, or the accelerator named by
+//! `MISTRALRS_LOGQUANT_TEST_DEVICE` in a build with its feature (`scripts/device-check.sh`).
+//! The host-path oracles always run on the CPU, from the same inputs.
 
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::kv_cache_backend::{stock_attention, AttentionParams, KvCacheBackend};
@@ -20,6 +24,28 @@ const Q_HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const DIM: usize = 64;
 const SCALE: f32 = 0.125;
+
+/// `MISTRALRS_LOGQUANT_TEST_DEVICE`: `cpu` (the default), `cuda`, `cuda:N` or `metal`.
+fn test_device() -> Device {
+    let name = std::env::var("MISTRALRS_LOGQUANT_TEST_DEVICE").unwrap_or_default();
+    let device = match name.as_str() {
+        "" | "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0),
+        "metal" => Device::new_metal(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal),
+            _ => panic!(
+                "MISTRALRS_LOGQUANT_TEST_DEVICE={other}: expected cpu, cuda, cuda:N or metal"
+            ),
+        },
+    };
+    device.unwrap_or_else(|e| panic!("MISTRALRS_LOGQUANT_TEST_DEVICE={name}: {e}"))
+}
+
+/// A copy of `t` on the device under test.
+fn on_device(t: &Tensor) -> Tensor {
+    t.to_device(&test_device()).unwrap()
+}
 
 fn params() -> AttentionParams {
     AttentionParams {
@@ -194,12 +220,23 @@ fn device_path_equals_the_host_path_for_every_setting() {
             let v = random(&mut rng, (batch, KV_HEADS, new, DIM));
             let mask = (new > 1).then(|| causal(cached, new));
             let mut outs = Vec::new();
-            for cache in [&mut portable, &mut fused, &mut device] {
+            for cache in [&mut portable, &mut fused] {
                 let out = cache
                     .append_and_attend(&q, &k, &v, mask.as_ref(), &params(), &engine)
                     .unwrap_or_else(|e| panic!("{label}: step {step}: {e}"));
                 outs.push(host(&out));
             }
+            let out = device
+                .append_and_attend(
+                    &on_device(&q),
+                    &on_device(&k),
+                    &on_device(&v),
+                    mask.as_ref().map(on_device).as_ref(),
+                    &params(),
+                    &engine,
+                )
+                .unwrap_or_else(|e| panic!("{label}: step {step}: device path: {e}"));
+            outs.push(host(&out));
             let (d, i) = max_diff(&outs[2], &outs[0], &label);
             worst_portable = worst_portable.max(d);
             assert!(
@@ -273,7 +310,7 @@ fn append_on_the_device_path_equals_the_host_path() {
         let k = random(&mut rng, (1, KV_HEADS, new, DIM));
         let v = random(&mut rng, (1, KV_HEADS, new, DIM));
         let (hk, hv) = host_cache.append(&k, &v).unwrap();
-        let (dk, dv) = device.append(&k, &v).unwrap();
+        let (dk, dv) = device.append(&on_device(&k), &on_device(&v)).unwrap();
         assert_eq!(host(&hk), host(&dk));
         assert_eq!(host(&hv), host(&dv));
     }
@@ -293,7 +330,7 @@ fn device_chunks_are_shared_between_clones() {
     let mut a = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
     let mut b = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
     for cache in [&mut a, &mut b] {
-        let k = random(&mut rng, (1, KV_HEADS, 40, DIM));
+        let k = on_device(&random(&mut rng, (1, KV_HEADS, 40, DIM)));
         cache.append(&k, &k).unwrap();
     }
     let batch = a.cat_batch(&[&b]).unwrap();
@@ -345,10 +382,17 @@ fn decode_steps_upload_nothing_to_the_device() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let mut attend = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
     let mut append = LogQuantCache::with_quant_path(config, 1000, QuantPath::Device);
-    let k = random(&mut rng, (1, KV_HEADS, 40, DIM));
-    let q = random(&mut rng, (1, Q_HEADS, 40, DIM));
+    let k = on_device(&random(&mut rng, (1, KV_HEADS, 40, DIM)));
+    let q = on_device(&random(&mut rng, (1, Q_HEADS, 40, DIM)));
     attend
-        .append_and_attend(&q, &k, &k, Some(&causal(0, 40)), &params(), &engine)
+        .append_and_attend(
+            &q,
+            &k,
+            &k,
+            Some(&on_device(&causal(0, 40))),
+            &params(),
+            &engine,
+        )
         .unwrap();
     append.append(&k, &k).unwrap();
     append
@@ -357,8 +401,9 @@ fn decode_steps_upload_nothing_to_the_device() {
     let quantized_before = append.usage().quantized_tokens;
     let mut append_uploads = 0;
     for step in 0..64 {
-        let q = random(&mut rng, (1, Q_HEADS, 1, DIM));
-        let k = random(&mut rng, (1, KV_HEADS, 1, DIM));
+        // Made on the device before counting: the test's own inputs are not the store's uploads.
+        let q = on_device(&random(&mut rng, (1, Q_HEADS, 1, DIM)));
+        let k = on_device(&random(&mut rng, (1, KV_HEADS, 1, DIM)));
         let before = uploads_on_this_thread();
         attend
             .append_and_attend(&q, &k, &k, None, &params(), &engine)

@@ -59,9 +59,9 @@ pub struct ModelArgs {
     /// Run on the CPU even if an accelerator is available.
     #[arg(long)]
     pub cpu: bool,
-    /// How a GGUF model's quantized weights run: `f32` dequantizes them at load (4 bytes per
-    /// parameter; candle's fast f32 matmuls), `as-is` keeps them quantized, `auto` is f32 for
-    /// models under 1B parameters on the CPU.
+    /// How a GGUF model's quantized weights run: `q8_0` requantizes the types without a CPU
+    /// SIMD kernel to Q8_0 at load, `f32` dequantizes them (4 bytes per parameter), `as-is`
+    /// keeps them as stored, `auto` is q8_0 for models under 1B parameters on the CPU.
     #[arg(long, value_enum, default_value_t = Weights::Auto)]
     pub weights: Weights,
     /// Most sequences scheduled at once.

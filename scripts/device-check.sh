@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The prepared CUDA check: LogQuant's device path on a real NVIDIA GPU, in one short run.
+#
+#   scripts/device-check.sh --prepare   here, after `make build-cuda`: bundles the CUDA binary
+#                                       and the device-store test binary, stripped and
+#                                       xz-compressed, into target/device-check/ (what travels)
+#   scripts/device-check.sh             on the GPU machine (no Rust toolchain, no network;
+#                                       needs python3 with numpy, nvidia-smi, xz): runs
+#     1. tests/device_store.rs on CUDA (MISTRALRS_LOGQUANT_TEST_DEVICE=cuda): the device
+#        quantizer's bytes and the device path's attention against the CPU host path;
+#     2. a random-weight llama shaped like SmolLM2-135M (scripts/random-llama.py; the real
+#        model does not fit what travels), then `eval` default cache vs LogQuant in f32 on CUDA
+#        and on the CPU of the same machine (the CPU run is the cross-device oracle), and in bf16
+#        on CUDA;
+#     3. `bench` default cache vs LogQuant at 1k and 8k context, batch 1 and 8, on CUDA;
+#   and prints one table. Results go to $OUT (the device tool's output folder) or
+#   target/device-check/out. Each step has its own time limit; the whole run is sized for
+#   under 8 minutes on an H200.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bundle="$root/target/device-check"
+die() { echo "device-check: $*" >&2; exit 1; }
+
+if [ "${1:-}" = "--prepare" ]; then
+  cuda_release="$root/target/cuda/release"
+  [ -x "$cuda_release/mistralrs-logquant" ] || die "no CUDA binary: run make build-cuda first"
+  # The test binary of tests/device_store.rs, built with the same features and target dir.
+  "$root/scripts/build-cuda.sh" --test device_store
+  test_bin="$(ls -t "$cuda_release"/deps/device_store-* 2>/dev/null | grep -v '\.d$' | head -n1)"
+  [ -n "$test_bin" ] || die "no device_store test binary under $cuda_release/deps"
+  rm -rf "$bundle" && mkdir -p "$bundle"
+  for pair in "mistralrs-logquant:$cuda_release/mistralrs-logquant" "device_store:$test_bin"; do
+    name="${pair%%:*}"
+    strip -o "$bundle/$name" "${pair#*:}"
+    xz -T0 -6 "$bundle/$name"
+  done
+  ls -l "$bundle"
+  total=$(du -cb "$bundle"/*.xz | tail -n1 | cut -f1)
+  [ "$total" -lt $((60 * 1024 * 1024)) ] \
+    || die "the bundle is $((total / 1048576)) MiB; the device tool carries at most 64 MiB"
+  echo "device-check: bundle ready; run on the GPU machine with carry [\"target/device-check\"]:"
+  echo "  scripts/device-check.sh"
+  exit 0
+fi
+
+out="${OUT:-$bundle/out}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+for name in mistralrs-logquant device_store; do
+  [ -f "$bundle/$name.xz" ] || die "missing $bundle/$name.xz: run scripts/device-check.sh --prepare where cargo is"
+  xz -dc "$bundle/$name.xz" > "$work/$name" && chmod +x "$work/$name"
+done
+bin="$work/mistralrs-logquant"
+log="$out/device-check.log"
+: > "$log"
+step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
+run() { # run LIMIT_SECONDS CMD...: the command's output to the log and the terminal
+  local limit="$1"; shift
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  return "${PIPESTATUS[0]}"
+}
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" \
+  || die "nvidia-smi failed: no NVIDIA GPU here"
+failed=()
+
+step "1. device-store tests on CUDA"
+run 120 env MISTRALRS_LOGQUANT_TEST_DEVICE=cuda "$work/device_store" --test-threads=1 \
+  || failed+=("device_store tests")
+
+step "2. random-weight SmolLM2-shaped llama"
+model="$work/model"
+run 120 python3 "$root/scripts/random-llama.py" "$model" --shape smollm2-135m || die "model writer failed"
+common=(--model-id "$model" --text "$model/text.txt" --start 0 --configs default,logquant)
+step "2a. eval on CUDA, f32"
+run 150 "$bin" eval "${common[@]}" --dtype f32 --json "$out/eval-cuda-f32.json" || failed+=("eval cuda f32")
+step "2b. eval on the CPU, f32 (the oracle for 2a)"
+run 240 "$bin" eval "${common[@]}" --dtype f32 --cpu --json "$out/eval-cpu-f32.json" || failed+=("eval cpu f32")
+step "2c. eval on CUDA, bf16"
+run 150 "$bin" eval "${common[@]}" --dtype bf16 --json "$out/eval-cuda-bf16.json" || failed+=("eval cuda bf16")
+
+step "3. bench on CUDA, bf16"
+run 240 "$bin" bench --model-id "$model" --configs default,logquant --contexts 1024,8000 \
+  --batches 1,8 --decode 16 --dtype bf16 --json "$out/bench-cuda-bf16.json" || failed+=("bench")
+
+step "summary"
+if ! python3 - "$out" <<'PY' | tee -a "$log"
+import json, os, sys
+out = sys.argv[1]
+def rows(name):
+    path = os.path.join(out, name)
+    return json.load(open(path))["rows"] if os.path.exists(path) else []
+print("| eval run | config | perplexity | KL vs default | top-1 |")
+print("|---|---|---|---|---|")
+for name in ["eval-cuda-f32.json", "eval-cpu-f32.json", "eval-cuda-bf16.json"]:
+    for r in rows(name):
+        print(f"| {name[5:-5]} | {r.get('config')} | {r.get('perplexity', float('nan')):.4f} "
+              f"| {r.get('kl_vs_default', float('nan')):.5f} | {r.get('top1_agreement', float('nan')):.3f} |")
+# The cross-device oracle: the same f32 model and cache on the CPU. Mean log-likelihoods may
+# differ by summation order only; 1e-3 nats per token is far above that and far below a bug.
+import math
+cuda, cpu = rows("eval-cuda-f32.json"), rows("eval-cpu-f32.json")
+mismatch = len(cuda) != len(cpu) or not cuda
+for a, b in zip(cuda, cpu):
+    nats = abs(math.log(a["perplexity"]) - math.log(b["perplexity"]))
+    mismatch |= nats > 1e-3
+    print(f"CUDA vs CPU, f32, {a['config']}: mean log-likelihood differs by {nats:.2e} nats/token")
+print()
+print("| config | context | batch | prefill tok/s | decode tok/s | vs default | cache bytes | vs default |")
+print("|---|---|---|---|---|---|---|---|")
+bench = rows("bench-cuda-bf16.json")
+base = {(r["context"], r["batch"]): r for r in bench if r["config"] == "default"}
+for r in bench:
+    d = base.get((r["context"], r["batch"]))
+    speed = r["decode_tokens_per_s"] / d["decode_tokens_per_s"] if d else float("nan")
+    size = d["cache_bytes"] / r["cache_bytes"] if d and r["cache_bytes"] else float("nan")
+    print(f"| {r['config']} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:.1f} "
+          f"| {r['decode_tokens_per_s']:.2f} | {speed:.2f}x | {r['cache_bytes']} | {size:.2f}x smaller |")
+sys.exit(3 if mismatch else 0)
+PY
+then
+  failed+=("CUDA and CPU evals disagree")
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  die "failed: ${failed[*]} (log: $log)"
+fi
+echo "device-check: all steps passed (log: $log)"
