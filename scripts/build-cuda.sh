@@ -60,12 +60,23 @@ for lib in "$cuda_root"/lib/lib*.so.*; do
   [ -e "$cuda_root/lib/$plain" ] || ln -s "$base" "$cuda_root/lib/$plain"
 done
 # libcuda is the driver's and ships with no wheel. cudarc's dynamic-linking feature links
-# against it; an empty stub library satisfies the linker and the real driver library is
-# resolved when the binary runs on a machine with a GPU.
+# against it, so the linker needs a library that defines every driver function: a stub with
+# one empty function per name declared in cuda.h (after the preprocessor,
+# so the versioned names such as cuMemcpyDtoHAsync_v2), under the driver's soname. It is never
+# loaded: on a machine with a GPU the binary resolves libcuda.so.1 to the real driver.
 stub_dir="$toolkit_dir/stubs"
 if [ ! -f "$stub_dir/libcuda.so" ]; then
   mkdir -p "$stub_dir"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub_dir/libcuda.so" -x c /dev/null \
+  {
+    gcc -E -P -I"$cuda_root/include" -x c "$cuda_root/include/cuda.h" \
+      | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | sed -E 's/[[:space:]]*\($//'
+    # The profiler functions left cuda.h in CUDA 13 (cudarc still binds them); their
+    # entry-point typedefs name them.
+    grep -ohE 'PFN_cu[A-Za-z]+_v[0-9]+' "$cuda_root/include/cudaProfilerTypedefs.h" \
+      | sed -E 's/^PFN_//; s/_v[0-9]+$//'
+  } | sort -u | sed 's/.*/void &(void) {}/' > "$stub_dir/libcuda-stub.c"
+  [ -s "$stub_dir/libcuda-stub.c" ] || die "found no driver functions in $cuda_root/include/cuda.h"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub_dir/libcuda.so" "$stub_dir/libcuda-stub.c" \
     || die "could not build the libcuda link stub with gcc"
 fi
 

@@ -13,7 +13,11 @@
 #        and on the CPU of the same machine (the CPU run is the cross-device oracle), and in bf16
 #        on CUDA;
 #     3. `bench` default cache vs LogQuant at 1k and 8k context, batch 1 and 8, on CUDA;
-#   and prints one table. Results go to $OUT (the device tool's output folder) or
+#   and prints one table.
+#   scripts/device-check.sh --cpu-dry-run   here: the same steps with the CUDA bundle on the
+#                                       CPU (--cpu, small sizes, the link stub as libcuda), to
+#                                       check the script itself before spending GPU time.
+#   Results go to $OUT (the device tool's output folder) or
 #   target/device-check/out. Each step has its own time limit; the whole run is sized for
 #   under 8 minutes on an H200.
 set -euo pipefail
@@ -21,6 +25,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bundle="$root/target/device-check"
 die() { echo "device-check: $*" >&2; exit 1; }
+python="${PYTHON:-python3}"  # with numpy, for the model writer
 
 if [ "${1:-}" = "--prepare" ]; then
   cuda_release="$root/target/cuda/release"
@@ -44,6 +49,22 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 
+dry_run=false
+[ "${1:-}" = "--cpu-dry-run" ] && dry_run=true
+if $dry_run; then
+  test_device=cpu
+  device_flags=(--cpu)
+  half=f16  # candle has no bf16 matmul on the CPU for unquantized weights
+  eval_sizes=(--prefill 256 --score 16)
+  bench_sizes=(--contexts 256 --batches 1,2 --decode 4)
+else
+  test_device=cuda
+  device_flags=()
+  half=bf16
+  eval_sizes=(--prefill 1024 --score 256)
+  bench_sizes=(--contexts 1024,8000 --batches 1,8 --decode 16)
+fi
+
 out="${OUT:-$bundle/out}"
 mkdir -p "$out"
 work="$(mktemp -d)"
@@ -53,6 +74,32 @@ for name in mistralrs-logquant device_store; do
   xz -dc "$bundle/$name.xz" > "$work/$name" && chmod +x "$work/$name"
 done
 bin="$work/mistralrs-logquant"
+
+# The CUDA 13 libraries the binaries link (cudart, cuBLAS, cuBLASLt, cuRAND; libcuda is the
+# driver's): from the machine's toolkit, else from the Python CUDA wheels (PyTorch's).
+cuda_lib_dirs() {
+  ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+    2>/dev/null || true
+  python3 - <<'PY' 2>/dev/null || true
+import glob, site
+for base in site.getsitepackages() + [site.getusersitepackages()]:
+    for d in sorted(glob.glob(base + "/nvidia/**/lib", recursive=True)):
+        print(d)
+PY
+}
+if $dry_run; then
+  # This machine has the toolkit wheels but no driver: the link stub stands in for libcuda.
+  ln -s "$root/target/cuda-toolkit/stubs/libcuda.so" "$work/libcuda.so.1"
+  LD_LIBRARY_PATH="$root/target/cuda-toolkit/site/nvidia/cu13/lib:$work"
+fi
+for dir in $(cuda_lib_dirs); do
+  LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir"
+done
+export LD_LIBRARY_PATH
+for name in mistralrs-logquant device_store; do
+  missing="$(ldd "$work/$name" | grep 'not found' || true)"
+  [ -z "$missing" ] || die "$name needs libraries this machine lacks: $(echo $missing)"
+done
 log="$out/device-check.log"
 : > "$log"
 step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
@@ -63,41 +110,47 @@ run() { # run LIMIT_SECONDS CMD...: the command's output to the log and the term
 }
 
 step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" \
-  || die "nvidia-smi failed: no NVIDIA GPU here"
+if $dry_run; then
+  echo "CPU dry run: $(nproc) cores" | tee -a "$log"
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" \
+    || die "nvidia-smi failed: no NVIDIA GPU here"
+fi
 failed=()
 
-step "1. device-store tests on CUDA"
-run 120 env MISTRALRS_LOGQUANT_TEST_DEVICE=cuda "$work/device_store" --test-threads=1 \
+step "1. device-store tests on $test_device"
+run 120 env MISTRALRS_LOGQUANT_TEST_DEVICE="$test_device" "$work/device_store" --test-threads=1 \
   || failed+=("device_store tests")
 
 step "2. random-weight SmolLM2-shaped llama"
 model="$work/model"
-run 120 python3 "$root/scripts/random-llama.py" "$model" --shape smollm2-135m || die "model writer failed"
-common=(--model-id "$model" --text "$model/text.txt" --start 0 --configs default,logquant)
+run 120 "$python" "$root/scripts/random-llama.py" "$model" --shape smollm2-135m || die "model writer failed"
+common=(--model-id "$model" --text "$model/text.txt" --start 0 --configs default,logquant "${eval_sizes[@]}")
 step "2a. eval on CUDA, f32"
-run 150 "$bin" eval "${common[@]}" --dtype f32 --json "$out/eval-cuda-f32.json" || failed+=("eval cuda f32")
+run 150 "$bin" eval "${common[@]}" "${device_flags[@]}" --dtype f32 --json "$out/eval-cuda-f32.json" || failed+=("eval cuda f32")
 step "2b. eval on the CPU, f32 (the oracle for 2a)"
 run 240 "$bin" eval "${common[@]}" --dtype f32 --cpu --json "$out/eval-cpu-f32.json" || failed+=("eval cpu f32")
-step "2c. eval on CUDA, bf16"
-run 150 "$bin" eval "${common[@]}" --dtype bf16 --json "$out/eval-cuda-bf16.json" || failed+=("eval cuda bf16")
+step "2c. eval on CUDA, $half"
+run 150 "$bin" eval "${common[@]}" "${device_flags[@]}" --dtype "$half" --json "$out/eval-cuda-half.json" \
+  || failed+=("eval cuda $half")
 
-step "3. bench on CUDA, bf16"
-run 240 "$bin" bench --model-id "$model" --configs default,logquant --contexts 1024,8000 \
-  --batches 1,8 --decode 16 --dtype bf16 --json "$out/bench-cuda-bf16.json" || failed+=("bench")
+step "3. bench on CUDA, $half"
+run 240 "$bin" bench --model-id "$model" --configs default,logquant "${bench_sizes[@]}" \
+  "${device_flags[@]}" --dtype "$half" --json "$out/bench-cuda-half.json" || failed+=("bench")
 
 step "summary"
-if ! python3 - "$out" <<'PY' | tee -a "$log"
+if ! python3 - "$out" "$half" <<'PY' | tee -a "$log"
 import json, os, sys
-out = sys.argv[1]
+out, half = sys.argv[1], sys.argv[2]
 def rows(name):
     path = os.path.join(out, name)
     return json.load(open(path))["rows"] if os.path.exists(path) else []
 print("| eval run | config | perplexity | KL vs default | top-1 |")
 print("|---|---|---|---|---|")
-for name in ["eval-cuda-f32.json", "eval-cpu-f32.json", "eval-cuda-bf16.json"]:
+for name, label in [("eval-cuda-f32.json", "CUDA f32"), ("eval-cpu-f32.json", "CPU f32"),
+                    ("eval-cuda-half.json", f"CUDA {half}")]:
     for r in rows(name):
-        print(f"| {name[5:-5]} | {r.get('config')} | {r.get('perplexity', float('nan')):.4f} "
+        print(f"| {label} | {r.get('config')} | {r.get('perplexity', float('nan')):.4f} "
               f"| {r.get('kl_vs_default', float('nan')):.5f} | {r.get('top1_agreement', float('nan')):.3f} |")
 # The cross-device oracle: the same f32 model and cache on the CPU. Mean log-likelihoods may
 # differ by summation order only; 1e-3 nats per token is far above that and far below a bug.
@@ -109,9 +162,10 @@ for a, b in zip(cuda, cpu):
     mismatch |= nats > 1e-3
     print(f"CUDA vs CPU, f32, {a['config']}: mean log-likelihood differs by {nats:.2e} nats/token")
 print()
+print(f"bench, {half}:")
 print("| config | context | batch | prefill tok/s | decode tok/s | vs default | cache bytes | vs default |")
 print("|---|---|---|---|---|---|---|---|")
-bench = rows("bench-cuda-bf16.json")
+bench = rows("bench-cuda-half.json")
 base = {(r["context"], r["batch"]): r for r in bench if r["config"] == "default"}
 for r in bench:
     d = base.get((r["context"], r["batch"]))
