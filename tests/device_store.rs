@@ -25,21 +25,28 @@ const KV_HEADS: usize = 2;
 const DIM: usize = 64;
 const SCALE: f32 = 0.125;
 
-/// `MISTRALRS_LOGQUANT_TEST_DEVICE`: `cpu` (the default), `cuda`, `cuda:N` or `metal`.
+/// `MISTRALRS_LOGQUANT_TEST_DEVICE`: `cpu` (the default), `cuda`, `cuda:N` or `metal`. Made
+/// once: each `Device::new_cuda` is a device of its own, and candle refuses to combine tensors
+/// of two.
 fn test_device() -> Device {
-    let name = std::env::var("MISTRALRS_LOGQUANT_TEST_DEVICE").unwrap_or_default();
-    let device = match name.as_str() {
-        "" | "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0),
-        "metal" => Device::new_metal(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => Device::new_cuda(ordinal),
-            _ => panic!(
-                "MISTRALRS_LOGQUANT_TEST_DEVICE={other}: expected cpu, cuda, cuda:N or metal"
-            ),
-        },
-    };
-    device.unwrap_or_else(|e| panic!("MISTRALRS_LOGQUANT_TEST_DEVICE={name}: {e}"))
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let name = std::env::var("MISTRALRS_LOGQUANT_TEST_DEVICE").unwrap_or_default();
+            let device = match name.as_str() {
+                "" | "cpu" => Ok(Device::Cpu),
+                "cuda" => Device::new_cuda(0),
+                "metal" => Device::new_metal(0),
+                other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                    Some(Ok(ordinal)) => Device::new_cuda(ordinal),
+                    _ => panic!(
+                        "MISTRALRS_LOGQUANT_TEST_DEVICE={other}: expected cpu, cuda, cuda:N or metal"
+                    ),
+                },
+            };
+            device.unwrap_or_else(|e| panic!("MISTRALRS_LOGQUANT_TEST_DEVICE={name}: {e}"))
+        })
+        .clone()
 }
 
 /// A copy of `t` on the device under test.
