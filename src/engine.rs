@@ -328,8 +328,15 @@ fn model_selected(source: &ModelSource, dtype: ModelDType) -> Result<ModelSelect
 }
 
 /// Load the model and start an engine with the chosen KV cache.
+///
+/// Under tensor parallelism ([`crate::tensor_parallel`], a `ring` build) this loads this rank's
+/// share of the model; on a worker rank (rank >= 1) it never returns: the process serves rank
+/// 0's requests until it is killed.
 pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     register_backends();
+    if let Some(rank) = crate::tensor_parallel::active()? {
+        check_tensor_parallel_model(&options.model, rank.config.world_size)?;
+    }
     let weights = options.effective_weights()?;
     let _guard = LOAD_LOCK.lock().await;
     let backend = match &options.kv_cache {
@@ -381,6 +388,38 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     // Leave the process-wide selection as it was found: stock.
     let _ = select_kv_cache_backend(None);
     built.with_context(|| format!("cannot load model {}", options.model.model_id()))
+}
+
+/// mistral.rs 0.8.1 splits safetensors models only, and only heads that divide evenly: say so
+/// before the load instead of a per-request shape error (or every rank running the whole
+/// GGUF model).
+fn check_tensor_parallel_model(model: &ModelSource, world_size: usize) -> Result<()> {
+    let ModelSource::Safetensors(dir) = model else {
+        bail!(
+            "tensor parallelism splits safetensors models only (mistral.rs 0.8.1 has no split \
+             for GGUF): give --model a safetensors model directory"
+        );
+    };
+    let path = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let count = |key: &str| config.get(key).and_then(serde_json::Value::as_u64);
+    let heads = count("num_attention_heads")
+        .with_context(|| format!("{} has no num_attention_heads", path.display()))?
+        as usize;
+    let kv_heads = count("num_key_value_heads").map_or(heads, |k| k as usize);
+    // A world larger than the KV heads replicates them (mistral.rs's `compute_kv_shard`).
+    if heads % world_size != 0 || (kv_heads % world_size != 0 && world_size % kv_heads != 0) {
+        bail!(
+            "{}: {heads} attention heads and {kv_heads} KV heads do not split over {world_size} \
+             ranks (tensor parallelism needs both divisible by the world size)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Load on a new thread with candle's dequantize switch set for `weights`. candle reads

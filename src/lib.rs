@@ -18,6 +18,8 @@
 //!   (perplexity and KL against the default cache, the copy task, decode speed and KV bytes),
 //!   returning rows; [`provenance`] records what a measurement ran on.
 //! - [`passthrough`]: an exact full-precision backend, the reference for the plumbing.
+//! - [`tensor_parallel`]: rank configs for mistral.rs's multi-process tensor parallelism (the
+//!   `ring` build).
 //!
 //! The `mistralrs-logquant` binary (`src/main.rs`, `src/cli/`, `src/plot.rs`) holds the
 //! commands, the OpenAI server, the tables and the charts; none of it is library API.
@@ -49,3 +51,4 @@ pub mod provenance;
 pub mod quant;
 pub mod retrieval;
 pub mod store;
+pub mod tensor_parallel;

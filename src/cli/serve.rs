@@ -2,6 +2,7 @@
 //! `GET /metrics` (Prometheus, see [`metrics`](super::metrics)).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +22,7 @@ use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
 use mistralrs_logquant::engine::{build_engine, KvCacheChoice};
+use mistralrs_logquant::tensor_parallel::{self, ActiveRank, RankConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -39,10 +41,18 @@ pub struct ServeArgs {
     /// cache]
     #[arg(long)]
     pub prefix_cache_n: Option<usize>,
+    /// Tensor parallelism across processes (a `ring` build, `make build-ring`): this rank's
+    /// JSON config (`master_ip`, `master_port`, `port`, `right_ip`, `right_port`, `rank`,
+    /// `world_size`; mistral.rs's `RING_CONFIG`, which is read when this flag is absent).
+    /// Rank 0 serves; ranks >= 1 run as its workers and open no HTTP port. Every rank needs the
+    /// same model (a safetensors directory) and flags; start rank 0 within 10 s of the others.
+    #[arg(long, value_name = "FILE")]
+    pub rank_config: Option<PathBuf>,
 }
 
-/// `GET /v1/kv-cache`: the active cache, its parameters and its usage.
-pub fn kv_cache_report(choice: &KvCacheChoice) -> serde_json::Value {
+/// `GET /v1/kv-cache`: the active cache, its parameters and its usage. Under tensor
+/// parallelism (`rank`) the usage is this rank's share: its `1 / world_size` of the KV heads.
+pub fn kv_cache_report(choice: &KvCacheChoice, rank: Option<&RankConfig>) -> serde_json::Value {
     let usage = mistralrs_core::kv_cache_backend::kv_cache_usage();
     let layer = |u: &mistralrs_core::kv_cache_backend::LayerUsage| {
         json!({
@@ -73,7 +83,45 @@ pub fn kv_cache_report(choice: &KvCacheChoice) -> serde_json::Value {
         "finished_sequences": usage.finished_sequences,
         "last_finished": usage.last_finished.as_ref().map(layer),
         "finished_total": layer(&usage.finished_total),
+        "tensor_parallel": rank.map(|r| json!({
+            "rank": r.rank,
+            "world_size": r.world_size,
+            "usage_is_a_share": true,
+            "note": format!(
+                "tokens and bytes are this rank's: it caches 1/{} of the KV heads; the other \
+                 ranks hold the rest",
+                r.world_size
+            ),
+        })),
     })
+}
+
+/// Under tensor parallelism (`Some` semaphore of one permit): each POST waits for the previous
+/// one's response to end, streamed bodies included, before it reaches the engine. mistral.rs's
+/// ring workers replay rank 0's requests in order and compute in lockstep with it; two requests
+/// in flight would batch differently on the ranks and deadlock their collectives.
+async fn one_request_at_a_time(
+    State(turn): State<Option<Arc<tokio::sync::Semaphore>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(turn) = turn.filter(|_| request.method() == axum::http::Method::POST) else {
+        return next.run(request).await;
+    };
+    let Ok(permit) = turn.acquire_owned().await else {
+        return next.run(request).await;
+    };
+    let (parts, body) = next.run(request).await.into_parts();
+    // The permit lives as long as the body: released when the last byte is sent or the
+    // client goes away.
+    let body = Body::from_stream(futures::StreamExt::map(
+        body.into_data_stream(),
+        move |chunk| {
+            let _held = &permit;
+            chunk
+        },
+    ));
+    Response::from_parts(parts, body)
 }
 
 /// Largest request body accepted (prompts up to the context fit many times over).
@@ -187,6 +235,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     // Every flag is checked before the model is fetched or loaded.
     let cache = args.cache.resolve()?;
     args.model.validate()?;
+    let rank = match &args.rank_config {
+        Some(path) => Some(tensor_parallel::install(path)?),
+        None => tensor_parallel::active()?,
+    };
+    if rank
+        .as_ref()
+        .is_some_and(|r| args.model.model.is_none() && r.config.world_size > 1)
+    {
+        bail!(
+            "tensor parallelism needs --model: a safetensors model directory (the default model \
+             is GGUF, which mistral.rs 0.8.1 does not split)"
+        );
+    }
     let prefix_cache_n = match (&cache, args.prefix_cache_n) {
         (KvCacheChoice::Default, n) => n.unwrap_or(16),
         (_, None | Some(0)) => 0,
@@ -199,6 +260,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("invalid --host `{}`", args.host))?;
     super::init_logging();
+    if let Some(worker) = rank.as_ref().filter(|r| r.config.is_worker()) {
+        return serve_as_worker(&args, cache, prefix_cache_n, worker).await;
+    }
     // Bind before loading: a busy port is reported at once, not after the model load.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -213,6 +277,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     let engine = build_engine(&options).await?;
     let report_choice = Arc::new(cache.clone());
+    let report_rank = Arc::new(rank.as_ref().map(|r| r.config.clone()));
     let server_metrics = Arc::new(Metrics::new(&cache));
     let router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(engine.clone())
@@ -221,14 +286,21 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .route(
             "/v1/kv-cache",
             get(move || {
-                let choice = report_choice.clone();
-                async move { Json(kv_cache_report(&choice)) }
+                let (choice, rank) = (report_choice.clone(), report_rank.clone());
+                async move { Json(kv_cache_report(&choice, rank.as_ref().as_ref())) }
             }),
         )
         .route(
             "/metrics",
             get(metrics::scrape).with_state(server_metrics.clone()),
         )
+        // Tensor parallelism: every rank must run the same batches, and rank 0 hands each
+        // request to the workers as it arrives, so requests reach the engine one at a time.
+        .layer(middleware::from_fn_with_state(
+            rank.as_ref()
+                .map(|_| Arc::new(tokio::sync::Semaphore::new(1))),
+            one_request_at_a_time,
+        ))
         .layer(middleware::from_fn_with_state(engine, validate_request))
         // Outermost: counts every answer, the validation's refusals included.
         .layer(middleware::from_fn_with_state(
@@ -237,8 +309,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         ));
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
+    let split = rank.as_ref().map_or(String::new(), |r| {
+        format!(" (rank 0 of {}, tensor parallel)", r.config.world_size)
+    });
     println!(
-        "Serving {} with the {} KV cache on http://{local}",
+        "Serving {} with the {} KV cache on http://{local}{split}",
         options.model.model_id(),
         cache.label()
     );
@@ -248,6 +323,32 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// A rank >= 1: load this rank's share and serve rank 0's requests until killed (mistral.rs's
+/// engine build does not return on a worker).
+async fn serve_as_worker(
+    args: &ServeArgs,
+    cache: KvCacheChoice,
+    prefix_cache_n: usize,
+    worker: &ActiveRank,
+) -> Result<()> {
+    let config = &worker.config;
+    let mut options = args.model.engine_options(cache.clone()).await?;
+    options.prefix_cache_n = (prefix_cache_n > 0).then_some(prefix_cache_n);
+    println!(
+        "Rank {} of {} ({}): tensor-parallel worker for {} with the {} KV cache; rank 0 at {}:{} \
+         serves the requests",
+        config.rank,
+        config.world_size,
+        worker.path.display(),
+        options.model.model_id(),
+        cache.label(),
+        config.master_ip.as_deref().unwrap_or("?"),
+        config.master_port
+    );
+    build_engine(&options).await?;
+    bail!("the tensor-parallel worker's engine stopped")
 }
 
 #[cfg(test)]
@@ -264,7 +365,7 @@ mod tests {
             rotate: true,
             ..LogQuantConfig::default()
         });
-        let report = kv_cache_report(&choice);
+        let report = kv_cache_report(&choice, None);
         let p = &report["parameters"];
         assert_eq!(
             (&p["bits"], &p["key-bits"], &p["value-bits"]),
