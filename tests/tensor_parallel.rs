@@ -156,46 +156,62 @@ fn prompts() -> Vec<String> {
         .collect()
 }
 
-async fn greedy_replies(base: &str) -> Vec<Reply> {
-    let client = Client::with_config(
+fn client(base: &str) -> Client<OpenAIConfig> {
+    Client::with_config(
         OpenAIConfig::new()
             .with_api_base(format!("{base}/v1"))
             .with_api_key("none"),
-    );
-    let mut replies = Vec::new();
-    // One at a time: every rank must run the same batches.
-    for prompt in prompts() {
-        let request = CreateChatCompletionRequestArgs::default()
-            .model("default")
-            .max_completion_tokens(MAX_TOKENS)
-            .temperature(0.0)
-            .logprobs(true)
-            .messages([ChatCompletionRequestUserMessageArgs::default()
-                .content(prompt)
-                .build()
-                .unwrap()
-                .into()])
+    )
+}
+
+/// One chat request: greedy, or sampled at temperature 1 with `seed`.
+async fn reply(base: &str, prompt: &str, seed: Option<i64>) -> Reply {
+    let mut request = CreateChatCompletionRequestArgs::default();
+    request
+        .model("default")
+        .max_completion_tokens(MAX_TOKENS)
+        .temperature(if seed.is_some() { 1.0 } else { 0.0 })
+        .logprobs(true)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(prompt)
             .build()
-            .unwrap();
-        let response = client.chat().create(request).await.unwrap();
-        let logprobs = response.choices[0]
-            .logprobs
-            .as_ref()
-            .and_then(|l| l.content.clone())
-            .expect("logprobs in the reply");
-        let report: Value = reqwest::get(format!("{base}/v1/kv-cache"))
-            .await
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        replies.push(Reply {
-            tokens: logprobs.iter().map(|t| t.token.clone()).collect(),
-            logprobs: logprobs.iter().map(|t| t.logprob).collect(),
-            cache: report["last_finished"].clone(),
-            tensor_parallel: report["tensor_parallel"].clone(),
-        });
+            .into()]);
+    if let Some(seed) = seed {
+        request.seed(seed);
     }
+    let response = client(base)
+        .chat()
+        .create(request.build().unwrap())
+        .await
+        .unwrap();
+    let logprobs = response.choices[0]
+        .logprobs
+        .as_ref()
+        .and_then(|l| l.content.clone())
+        .expect("logprobs in the reply");
+    let report: Value = reqwest::get(format!("{base}/v1/kv-cache"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Reply {
+        tokens: logprobs.iter().map(|t| t.token.clone()).collect(),
+        logprobs: logprobs.iter().map(|t| t.logprob).collect(),
+        cache: report["last_finished"].clone(),
+        tensor_parallel: report["tensor_parallel"].clone(),
+    }
+}
+
+/// The greedy replies to [`prompts`], one request at a time (every rank must run the same
+/// batches), then a seeded sampled reply to the first prompt.
+async fn replies(base: &str) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    for prompt in prompts() {
+        replies.push(reply(base, &prompt, None).await);
+    }
+    replies.push(reply(base, &prompts()[0], Some(11)).await);
     replies
 }
 
@@ -209,7 +225,7 @@ async fn single_and_split(cache_args: &[&str]) -> (Vec<Reply>, Vec<Reply>) {
     let single = {
         let server = Process::start(&single_process_bin(), &[&["-p", "0"], &common[..]].concat());
         let base = server.base_url();
-        greedy_replies(&base).await
+        replies(&base).await
     };
 
     let [rank0_config, rank1_config] = ring_configs(dir.path());
@@ -232,7 +248,17 @@ async fn single_and_split(cache_args: &[&str]) -> (Vec<Reply>, Vec<Reply>) {
         .concat(),
     );
     let base = rank0.base_url();
-    let split = greedy_replies(&base).await;
+    let split = replies(&base).await;
+    // Two requests at once: rank 0's server lets one reach the engine at a time, so both are
+    // answered (no deadlock of the ranks' collectives) with the tokens of one process.
+    let all = prompts();
+    let (first, second) = tokio::join!(reply(&base, &all[0], None), reply(&base, &all[1], None));
+    for (i, concurrent) in [first, second].into_iter().enumerate() {
+        assert_eq!(
+            concurrent.tokens, single[i].tokens,
+            "concurrent request {i}: greedy tokens differ from one process"
+        );
+    }
     drop(rank0);
     drop(rank1);
     (single, split)
@@ -241,7 +267,8 @@ async fn single_and_split(cache_args: &[&str]) -> (Vec<Reply>, Vec<Reply>) {
 fn assert_same_greedy_run(single: &[Reply], split: &[Reply]) {
     assert_eq!(single.len(), split.len());
     for (i, (one, two)) in single.iter().zip(split).enumerate() {
-        assert_eq!(one.tokens, two.tokens, "prompt {i}: greedy tokens differ");
+        // The last reply is sampled with a seed: the same tokens only if every rank drew them.
+        assert_eq!(one.tokens, two.tokens, "reply {i}: tokens differ");
         assert!(!one.tokens.is_empty(), "prompt {i}: no tokens");
         let worst = one
             .logprobs
