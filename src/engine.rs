@@ -412,7 +412,9 @@ fn check_tensor_parallel_model(model: &ModelSource, world_size: usize) -> Result
         as usize;
     let kv_heads = count("num_key_value_heads").map_or(heads, |k| k as usize);
     // A world larger than the KV heads replicates them (mistral.rs's `compute_kv_shard`).
-    if heads % world_size != 0 || (kv_heads % world_size != 0 && world_size % kv_heads != 0) {
+    if !heads.is_multiple_of(world_size)
+        || !(kv_heads.is_multiple_of(world_size) || world_size.is_multiple_of(kv_heads))
+    {
         bail!(
             "{}: {heads} attention heads and {kv_heads} KV heads do not split over {world_size} \
              ranks (tensor parallelism needs both divisible by the world size)",

@@ -28,6 +28,7 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use async_openai::Client;
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 const RING_BIN: &str = env!("CARGO_BIN_EXE_mistralrs-logquant");
@@ -259,6 +260,35 @@ async fn single_and_split(cache_args: &[&str]) -> (Vec<Reply>, Vec<Reply>) {
             "concurrent request {i}: greedy tokens differ from one process"
         );
     }
+    // A client that goes away after the first streamed chunk: the ranks finish its sequence
+    // together, and the next request is answered as one process answers it.
+    let mut stream = client(&base)
+        .chat()
+        .create_stream(
+            CreateChatCompletionRequestArgs::default()
+                .model("default")
+                .max_completion_tokens(1500u32)
+                .temperature(0.0)
+                .messages([ChatCompletionRequestUserMessageArgs::default()
+                    .content(all[2].clone())
+                    .build()
+                    .unwrap()
+                    .into()])
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    // Long enough that the client leaves mid-sequence; a rank out of step would hang here.
+    let after = tokio::time::timeout(Duration::from_secs(120), reply(&base, &all[2], None))
+        .await
+        .expect("the request after a disconnected client was not answered within 120 s");
+    assert_eq!(
+        after.tokens, single[2].tokens,
+        "after a disconnected client: greedy tokens differ from one process"
+    );
     drop(rank0);
     drop(rank1);
     (single, split)

@@ -112,16 +112,37 @@ async fn one_request_at_a_time(
         return next.run(request).await;
     };
     let (parts, body) = next.run(request).await.into_parts();
-    // The permit lives as long as the body: released when the last byte is sent or the
-    // client goes away.
+    // The turn lasts as long as the body, and then until the engine holds no sequence: a
+    // client that goes away mid-stream leaves its sequence running to the end on every rank
+    // (the mistralrs-core patch keeps the ranks in lockstep), and the next request must not
+    // reach rank 0's engine before that.
+    let turn = EngineTurn(Some(permit));
     let body = Body::from_stream(futures::StreamExt::map(
         body.into_data_stream(),
         move |chunk| {
-            let _held = &permit;
+            let _held = &turn;
             chunk
         },
     ));
     Response::from_parts(parts, body)
+}
+
+/// A request's turn at a tensor-parallel engine (see [`one_request_at_a_time`]), given back once
+/// the engine has no live sequence.
+struct EngineTurn(Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl Drop for EngineTurn {
+    fn drop(&mut self) {
+        let permit = self.0.take();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                while mistralrs_core::kv_cache_backend::kv_cache_usage().live_sequences > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                drop(permit);
+            });
+        }
+    }
 }
 
 /// Largest request body accepted (prompts up to the context fit many times over).
