@@ -13,13 +13,21 @@
 #        and on the CPU of the same machine (the CPU run is the cross-device oracle), and in bf16
 #        on CUDA;
 #     3. `bench` default cache vs LogQuant at 1k and 8k context, batch 1 and 8, on CUDA;
-#   and prints one table.
+#   and prints one table. Before them, step 0 needs no Rust at all:
+#     0. scripts/cuda-kernel-check.py: compiles src/kernels/cuda/decode_attention.cu (nvcc, else
+#        NVRTC through CuPy), checks the fused and reference kernels against numpy attention
+#        and times the fused kernel against dense fp16 attention (JSON: cuda-kernel-check.json).
+#   scripts/device-check.sh --kernel-only   step 0 alone (no bundle needed).
+#   scripts/device-check.sh --skip-kernel   steps 1-3 alone. The device tool allows 10 minutes a
+#                                       command and 15 in all: run --kernel-only (timeout 420)
+#                                       and --skip-kernel as two calls, the first first.
 #   scripts/device-check.sh --cpu-dry-run   here: the same steps with the CUDA bundle on the
 #                                       CPU (--cpu, small sizes, the link stub as libcuda), to
-#                                       check the script itself before spending GPU time.
+#                                       check the script itself before spending GPU time;
+#                                       step 0 runs the kernel check's numpy parts (--cpu-check).
 #   Results go to $OUT (the device tool's output folder) or
 #   target/device-check/out. Each step has its own time limit; the whole run is sized for
-#   under 8 minutes on an H200.
+#   under 8 minutes on an H200 plus at most 6 for step 0 (timed out at 360 s).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +58,11 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 
 dry_run=false
+kernel_only=false
 [ "${1:-}" = "--cpu-dry-run" ] && dry_run=true
+[ "${1:-}" = "--kernel-only" ] && kernel_only=true
+skip_kernel=false
+[ "${1:-}" = "--skip-kernel" ] && skip_kernel=true
 if $dry_run; then
   test_device=cpu
   device_flags=(--cpu)
@@ -67,6 +79,34 @@ fi
 
 out="${OUT:-$bundle/out}"
 mkdir -p "$out"
+log="$out/device-check.log"
+: > "$log"
+step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
+run() { # run LIMIT_SECONDS CMD...: the command's output to the log and the terminal
+  local limit="$1"; shift
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  return "${PIPESTATUS[0]}"
+}
+failed=()
+
+# Step 0 first: it needs no bundle, so a GPU session without the Rust binaries still gets it.
+if $skip_kernel; then
+  step "0. CUDA kernel check skipped (--skip-kernel)"
+elif $dry_run; then
+  step "0. CUDA kernel check, numpy parts (--cpu-check)"
+  run 120 "$python" "$root/scripts/cuda-kernel-check.py" --cpu-check --out "$out/cuda-kernel-check.json" \
+    || failed+=("cuda kernel check (cpu)")
+else
+  step "0. CUDA kernel check: compile, correctness, timing vs dense fp16"
+  run 360 "$python" "$root/scripts/cuda-kernel-check.py" --out "$out/cuda-kernel-check.json" \
+    || failed+=("cuda kernel check")
+fi
+if $kernel_only; then
+  [ ${#failed[@]} -eq 0 ] || die "failed: ${failed[*]} (log: $log)"
+  echo "device-check: kernel check passed (log: $log)"
+  exit 0
+fi
+
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for name in mistralrs-logquant device_store; do
@@ -100,15 +140,6 @@ for name in mistralrs-logquant device_store; do
   missing="$(ldd "$work/$name" | grep 'not found' || true)"
   [ -z "$missing" ] || die "$name needs libraries this machine lacks: $(echo $missing)"
 done
-log="$out/device-check.log"
-: > "$log"
-step() { echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"; }
-run() { # run LIMIT_SECONDS CMD...: the command's output to the log and the terminal
-  local limit="$1"; shift
-  timeout "$limit" "$@" 2>&1 | tee -a "$log"
-  return "${PIPESTATUS[0]}"
-}
-
 step "machine"
 if $dry_run; then
   echo "CPU dry run: $(nproc) cores" | tee -a "$log"
@@ -116,7 +147,6 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" \
     || die "nvidia-smi failed: no NVIDIA GPU here"
 fi
-failed=()
 
 step "1. device-store tests on $test_device"
 run 120 env MISTRALRS_LOGQUANT_TEST_DEVICE="$test_device" "$work/device_store" --test-threads=1 \
