@@ -53,6 +53,7 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
+    super::refuse_in_a_ring_build("bench")?;
     let mut configs = parse_configs(&args.configs, &args.cache)?;
     configs.retain(|c| *c != KvCacheChoice::Default);
     configs.insert(0, KvCacheChoice::Default);

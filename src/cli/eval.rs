@@ -165,6 +165,7 @@ pub fn parse_configs(names: &[String], cache: &CacheArgs) -> Result<Vec<KvCacheC
 }
 
 pub async fn eval(args: EvalArgs) -> Result<()> {
+    super::refuse_in_a_ring_build("eval")?;
     let configs = parse_configs(&args.configs, &args.cache)?;
     args.model.validate()?;
     if !args.text.is_file() {

@@ -302,6 +302,18 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// `bench` and `eval` build one engine per cache in one process; the ranks of a tensor-parallel
+/// run each hold one engine for their whole life, so only `serve` (and `run`) apply there.
+pub fn refuse_in_a_ring_build(command: &str) -> Result<()> {
+    if cfg!(feature = "ring") {
+        bail!(
+            "`{command}` compares caches in one process and does not run under tensor \
+             parallelism: use the plain build (make build), or `serve --rank-config` here"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
