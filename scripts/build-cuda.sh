@@ -12,6 +12,7 @@
 # 3. Builds into target/cuda with CUDA_COMPUTE_CAP (default 90: H100/H200) and no flash-attn.
 #
 # `scripts/build-cuda.sh --test NAME` builds the test binary of tests/NAME.rs instead.
+# `scripts/build-cuda.sh --clippy` runs clippy (all targets, warnings as errors) with the feature.
 # Environment: CUDA_COMPUTE_CAP (default 90), CUDA_TOOLKIT_DIR (default target/cuda-toolkit),
 # CARGO_BUILD_JOBS as usual. The binary: target/cuda/release/mistralrs-logquant.
 set -euo pipefail
@@ -98,6 +99,13 @@ if [ "${1:-}" = "--test" ]; then
   [ -n "${2:-}" ] || die "--test needs a test name (a file of tests/)"
   cargo test --release --locked --features cuda --target-dir "$root/target/cuda" --no-run --test "$2"
   echo "build-cuda: test $2 built in $(( $(date +%s) - start )) s"
+  exit 0
+fi
+if [ "${1:-}" = "--clippy" ]; then
+  # The CUDA-only code (src/kernels/cuda/, tests/cuda_decode.rs) under clippy, warnings as errors.
+  cargo clippy --release --locked --features cuda --target-dir "$root/target/cuda" --all-targets \
+    -- -D warnings
+  echo "build-cuda: clippy clean with --features cuda in $(( $(date +%s) - start )) s"
   exit 0
 fi
 cargo build --release --locked --features cuda --target-dir "$root/target/cuda" --bin mistralrs-logquant

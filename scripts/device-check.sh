@@ -2,12 +2,15 @@
 # The prepared CUDA check: LogQuant's device path on a real NVIDIA GPU, in one short run.
 #
 #   scripts/device-check.sh --prepare   here, after `make build-cuda`: bundles the CUDA binary
-#                                       and the device-store test binary, stripped and
+#                                       and the device-store and cuda-decode test binaries, stripped and
 #                                       xz-compressed, into target/device-check/ (what travels)
 #   scripts/device-check.sh             on the GPU machine (no Rust toolchain, no network;
 #                                       needs python3 with numpy, nvidia-smi, xz): runs
 #     1. tests/device_store.rs on CUDA (MISTRALRS_LOGQUANT_TEST_DEVICE=cuda): the device
 #        quantizer's bytes and the device path's attention against the CPU host path;
+#     1b. tests/cuda_decode.rs: the fused CUDA decode kernel (src/kernels/cuda/) against the
+#        host reference attention and the .cu's reference kernels; from here on the fused
+#        kernel is on (MISTRALRS_LOGQUANT_CUDA_FUSED=1: opt-in until it has passed on a GPU);
 #     2. a random-weight llama shaped like SmolLM2-135M (scripts/random-llama.py; the real
 #        model does not fit what travels), then `eval` default cache vs LogQuant in f32 on CUDA
 #        and on the CPU of the same machine (the CPU run is the cross-device oracle), and in bf16
@@ -38,12 +41,17 @@ python="${PYTHON:-python3}"  # with numpy, for the model writer
 if [ "${1:-}" = "--prepare" ]; then
   cuda_release="$root/target/cuda/release"
   [ -x "$cuda_release/mistralrs-logquant" ] || die "no CUDA binary: run make build-cuda first"
-  # The test binary of tests/device_store.rs, built with the same features and target dir.
-  "$root/scripts/build-cuda.sh" --test device_store
-  test_bin="$(ls -t "$cuda_release"/deps/device_store-* 2>/dev/null | grep -v '\.d$' | head -n1)"
-  [ -n "$test_bin" ] || die "no device_store test binary under $cuda_release/deps"
+  # The test binaries of tests/device_store.rs and tests/cuda_decode.rs, built with the same
+  # features and target dir.
   rm -rf "$bundle" && mkdir -p "$bundle"
-  for pair in "mistralrs-logquant:$cuda_release/mistralrs-logquant" "device_store:$test_bin"; do
+  pairs=("mistralrs-logquant:$cuda_release/mistralrs-logquant")
+  for test_name in device_store cuda_decode; do
+    "$root/scripts/build-cuda.sh" --test "$test_name"
+    test_bin="$(ls -t "$cuda_release"/deps/"$test_name"-* 2>/dev/null | grep -v '\.d$' | head -n1)"
+    [ -n "$test_bin" ] || die "no $test_name test binary under $cuda_release/deps"
+    pairs+=("$test_name:$test_bin")
+  done
+  for pair in "${pairs[@]}"; do
     name="${pair%%:*}"
     strip -o "$bundle/$name" "${pair#*:}"
     xz -T0 -6 "$bundle/$name"
@@ -52,8 +60,8 @@ if [ "${1:-}" = "--prepare" ]; then
   total=$(du -cb "$bundle"/*.xz | tail -n1 | cut -f1)
   [ "$total" -lt $((60 * 1024 * 1024)) ] \
     || die "the bundle is $((total / 1048576)) MiB; the device tool carries at most 64 MiB"
-  echo "device-check: bundle ready; run on the GPU machine with carry [\"target/device-check\"]:"
-  echo "  scripts/device-check.sh"
+  echo "device-check: bundle ready; run on the GPU machine with carry [\"target/device-check\"],"
+  echo "  as two calls: scripts/device-check.sh --kernel-only, then scripts/device-check.sh --skip-kernel"
   exit 0
 fi
 
@@ -109,7 +117,7 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-for name in mistralrs-logquant device_store; do
+for name in mistralrs-logquant device_store cuda_decode; do
   [ -f "$bundle/$name.xz" ] || die "missing $bundle/$name.xz: run scripts/device-check.sh --prepare where cargo is"
   xz -dc "$bundle/$name.xz" > "$work/$name" && chmod +x "$work/$name"
 done
@@ -136,7 +144,7 @@ for dir in $(cuda_lib_dirs); do
   LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$dir"
 done
 export LD_LIBRARY_PATH
-for name in mistralrs-logquant device_store; do
+for name in mistralrs-logquant device_store cuda_decode; do
   missing="$(ldd "$work/$name" | grep 'not found' || true)"
   [ -z "$missing" ] || die "$name needs libraries this machine lacks: $(echo $missing)"
 done
@@ -151,6 +159,15 @@ fi
 step "1. device-store tests on $test_device"
 run 120 env MISTRALRS_LOGQUANT_TEST_DEVICE="$test_device" "$work/device_store" --test-threads=1 \
   || failed+=("device_store tests")
+
+step "1b. fused CUDA decode attention (tests/cuda_decode.rs; skips itself without a GPU)"
+require_cuda=()
+$dry_run || require_cuda=(MISTRALRS_LOGQUANT_REQUIRE_CUDA=1)  # a skip is a failure on a GPU
+run 180 env "${require_cuda[@]}" "$work/cuda_decode" --test-threads=1 --nocapture \
+  || failed+=("cuda_decode tests")
+
+# The fused CUDA decode kernel is opt-in until it has passed here: on for the steps below.
+export MISTRALRS_LOGQUANT_CUDA_FUSED=1
 
 step "2. random-weight SmolLM2-shaped llama"
 model="$work/model"

@@ -6,8 +6,9 @@
 //!   inside `append_and_attend`) is in position order, as the stock cache returns it;
 //! - new rows are attended exactly (prefill, chunks, `append`); the policy compresses after.
 //!
-//! Inside `append_and_attend` with no mask to honour (decode on the CPU), the fused kernel reads
-//! the position-agnostic layout `[quantized | staged | full precision]` directly. Elsewhere the
+//! Inside `append_and_attend` with no mask to honour (decode on the CPU, and on CUDA with the
+//! `cuda` feature), the fused kernel reads the position-agnostic layout
+//! `[quantized | staged | full precision]` directly. Elsewhere the
 //! portable path dequantizes the cache on its device (candle ops off the CPU, see
 //! [`crate::store::QuantPath`]) and hands it to the engine's attention for the device.
 
@@ -245,6 +246,23 @@ impl KvCacheBackend for LogQuantCache {
             self.admit(k, v)?;
             if fused_ok && mask.is_none() {
                 return attend_decode(q, &self.rows, params.softmax_scale);
+            }
+            // The same conditions on CUDA, where the kernel is opt-in until it has run on a GPU
+            // (`MISTRALRS_LOGQUANT_CUDA_FUSED=1`); a batch it does not cover (`None`) falls
+            // through to the portable path.
+            #[cfg(feature = "cuda")]
+            if crate::kernels::cuda::enabled()
+                && self.config.kernel == AttentionKernel::Fused
+                && self.quant_path == QuantPath::Auto
+                && q.device().is_cuda()
+                && params.is_plain()
+                && mask.is_none()
+            {
+                if let Some(out) =
+                    crate::kernels::cuda::attend_decode(q, &self.rows, params.softmax_scale)?
+                {
+                    return Ok(out);
+                }
             }
             // Under a mask the engine needs position order; without one any order will do.
             let order = if mask.is_some() {

@@ -62,7 +62,8 @@ impl std::str::FromStr for KeyGrouping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AttentionKernel {
-    /// On the CPU, attend over the packed codes directly (no dequantized copy).
+    /// On the CPU (and for decode on CUDA with the `cuda` feature), attend over the packed
+    /// codes directly (no dequantized copy).
     Fused,
     /// Dequantize into one block and use mistral.rs's attention (every device).
     Portable,

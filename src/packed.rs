@@ -241,6 +241,20 @@ impl PackedBlock {
         packed_bytes(self.dim, self.bits)
     }
 
+    /// The packed codes, u8 `(heads, tokens, row_bytes)`, contiguous on the block's device: what
+    /// the fused CUDA kernel reads (concatenated over chunks, never copied to the host).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn codes_tensor(&self) -> &Tensor {
+        &self.codes
+    }
+
+    /// The f16 `(scale, min)` pairs, contiguous: `(heads, tokens, dim / group, 2)` per-token,
+    /// `(heads, dim, 2)` per-channel.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn params_tensor(&self) -> &Tensor {
+        &self.params
+    }
+
     /// Bytes held: packed codes plus 16-bit scale and min per group.
     pub fn bytes(&self) -> usize {
         self.codes.elem_count() + self.params.elem_count() * DType::F16.size_in_bytes()

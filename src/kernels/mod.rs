@@ -10,7 +10,13 @@
 //!   tier (`MISTRALRS_LOGQUANT_SIMD=baseline` forces the generic one), `cpu/generic.rs` holds
 //!   the plain-Rust inner loops and `cpu/avx2.rs` their AVX2+FMA versions, `cpu/spans.rs` cuts
 //!   the cache into flash-decoding spans and `cpu/span_attention.rs` attends over one.
-//! - `cuda/` and `metal/`: not written yet (issue 12); those devices run the portable path.
+//! - [`cuda`] (feature `cuda`): the fused decode attention of `cuda/decode_attention.cu`
+//!   (split-K flash decoding over the codes, and its reference kernels), compiled to PTX by
+//!   `build.rs` and launched from `cuda/mod.rs`; batches it does not cover, and chunks of
+//!   several tokens, run the portable path.
+//! - `metal/`: not written yet (issue 12); Metal runs the portable path.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod reference;
