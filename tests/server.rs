@@ -29,6 +29,8 @@ struct Server {
     base: String,
     /// Every line the server wrote to stdout.
     stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every line the server wrote to stderr (also echoed to this process's stderr).
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -49,9 +51,18 @@ impl Server {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn server");
+        let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let seen_stderr = stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                seen_stderr.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -71,6 +82,7 @@ impl Server {
             child,
             base,
             stdout: lines,
+            stderr: stderr_lines,
         }
     }
 
@@ -360,6 +372,21 @@ async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
         assert!(!first.is_empty());
         drop(body); // disconnect mid-stream
     }
+    // A plain (not streamed) request whose client gives up before the answer: mistral.rs 0.8.1
+    // failed the step on the closed channel and then panicked the engine thread sending the
+    // error to it (fixed by the mistralrs-core patch).
+    let abandoned = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", server.base))
+        .timeout(Duration::from_millis(300))
+        .json(&serde_json::json!({
+            "model": "default",
+            "max_tokens": 200,
+            "messages": [{"role": "user", "content": "Tell a long story about a river."}]
+        }))
+        .send()
+        .await;
+    assert!(abandoned.is_err(), "200 tokens answered within 300 ms");
+    server.assert_no_live_sequence().await;
     let ok = server
         .client()
         .chat()
@@ -368,6 +395,11 @@ async fn a_client_that_disconnects_mid_stream_leaks_nothing() {
     assert!(ok.is_ok(), "{ok:?}");
     // The abandoned sequences are released: nothing stays live.
     server.assert_no_live_sequence().await;
+    let stderr = server.stderr.lock().unwrap().clone();
+    assert!(
+        !stderr.iter().any(|l| l.contains("panicked")),
+        "the server panicked: {stderr:#?}"
+    );
 }
 
 #[test]

@@ -253,7 +253,11 @@ async fn single_and_split(arch: tiny::Arch, cache_args: &[&str]) -> (Vec<Reply>,
     // Two requests at once: rank 0's server lets one reach the engine at a time, so both are
     // answered (no deadlock of the ranks' collectives) with the tokens of one process.
     let all = prompts();
-    let (first, second) = tokio::join!(reply(&base, &all[0], None), reply(&base, &all[1], None));
+    let (first, second) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(reply(&base, &all[0], None), reply(&base, &all[1], None))
+    })
+    .await
+    .expect("two concurrent requests were not both answered within 120 s");
     for (i, concurrent) in [first, second].into_iter().enumerate() {
         assert_eq!(
             concurrent.tokens, single[i].tokens,
@@ -281,6 +285,18 @@ async fn single_and_split(arch: tiny::Arch, cache_args: &[&str]) -> (Vec<Reply>,
         .unwrap();
     stream.next().await.unwrap().unwrap();
     drop(stream);
+    // The same for a plain (not streamed) request whose client gives up after 200 ms.
+    let abandoned = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .timeout(Duration::from_millis(200))
+        .json(
+            &json!({"model": "default", "max_tokens": 1500, "temperature": 0.0,
+                      "messages": [{"role": "user", "content": all[2]}]}),
+        )
+        .send()
+        .await;
+    // (A model that stops early answers in time: then nothing was abandoned.)
+    println!("abandoned after 200 ms: {}", abandoned.is_err());
     // Long enough that the client leaves mid-sequence; a rank out of step would hang here.
     let after = tokio::time::timeout(Duration::from_secs(120), reply(&base, &all[2], None))
         .await

@@ -111,12 +111,16 @@ async fn one_request_at_a_time(
     let Ok(permit) = turn.acquire_owned().await else {
         return next.run(request).await;
     };
+    // Held from here: if this handler is dropped (the client went away before the answer),
+    // the turn still waits for the engine to be idle (see [`EngineTurn`]).
+    let turn = EngineTurn(Some(permit));
+    // A sequence abandoned by an earlier client may still be running on every rank.
+    wait_until_engine_idle().await;
     let (parts, body) = next.run(request).await.into_parts();
     // The turn lasts as long as the body, and then until the engine holds no sequence: a
     // client that goes away mid-stream leaves its sequence running to the end on every rank
     // (the mistralrs-core patch keeps the ranks in lockstep), and the next request must not
     // reach rank 0's engine before that.
-    let turn = EngineTurn(Some(permit));
     let body = Body::from_stream(futures::StreamExt::map(
         body.into_data_stream(),
         move |chunk| {
@@ -128,7 +132,7 @@ async fn one_request_at_a_time(
 }
 
 /// A request's turn at a tensor-parallel engine (see [`one_request_at_a_time`]), given back once
-/// the engine has no live sequence.
+/// the engine holds no sequence.
 struct EngineTurn(Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl Drop for EngineTurn {
@@ -136,12 +140,18 @@ impl Drop for EngineTurn {
         let permit = self.0.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                while mistralrs_core::kv_cache_backend::kv_cache_usage().live_sequences > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
+                wait_until_engine_idle().await;
                 drop(permit);
             });
         }
+    }
+}
+
+/// Until no sequence exists in the engine, queued or running (counted from its creation, not
+/// from its first forward step as the KV-cache usage is).
+async fn wait_until_engine_idle() {
+    while mistralrs_core::kv_cache_backend::sequences_in_flight() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 

@@ -1,9 +1,9 @@
 //! Runs mistralrs-quant's ring all-reduce and all-gather between two processes on 127.0.0.1
 //! and checks the results against sums and concatenations computed here.
 //!
-//! `ring-collective-check` (no arguments) writes the two ranks' `RING_CONFIG` files with free
-//! ports, starts itself twice (`ring-collective-check rank`), and exits 0 only when both ranks
-//! pass within 60 s. The tensors are prompt-sized (64 tokens x 576 channels, SmolLM2's hidden
+//! `ring-collective-check` (no arguments) runs a ring of 2 ranks, then one of 4: it writes each
+//! rank's `RING_CONFIG` file with free ports, starts itself once per rank
+//! (`ring-collective-check rank`), and exits 0 only when every rank passes within 60 s. The tensors are prompt-sized (64 tokens x 576 channels, SmolLM2's hidden
 //! size): mistral.rs 0.8.1 sizes the wire buffer as `len * size_of_val(x)` = len² bytes, which
 //! for them reads gigabytes past the tensor and crashes. A small tensor and a view with an
 //! offset are checked too.
@@ -13,11 +13,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use mistralrs_quant::distributed::AllGather;
 use mistralrs_quant::{Comm, Id, SumAllReduce};
-
-const WORLD_SIZE: usize = 2;
 
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
@@ -28,7 +26,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        _ => launch(),
+        _ => {
+            // 2 ranks, where upstream's one-hop sum happens to be right, then 4, where only a
+            // sum of every rank's share is.
+            for world_size in [2, 4] {
+                if !launch(world_size) {
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -45,27 +52,29 @@ fn rank_checks() -> anyhow::Result<()> {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(std::env::var("RING_CONFIG")?)?)?;
     let rank = config["rank"].as_u64().unwrap_or(0) as usize;
+    let world_size = config["world_size"].as_u64().unwrap_or(0) as usize;
     let comm = Arc::new(Comm::from_device(
         Id::new(),
         &Device::Cpu,
         rank,
-        WORLD_SIZE,
+        world_size,
     )?);
     let all_reduce = SumAllReduce::new(&comm);
     let all_gather = AllGather::new(&comm, 0);
     for dims in [(1, 4), (64, 576)] {
         let mine = share(rank, dims)?;
-        let expected = (0..WORLD_SIZE).map(|r| share(r, dims)).try_fold(
-            Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu)?,
-            |acc, s| acc + s?,
-        )?;
+        let expected = (0..world_size)
+            .map(|r| share(r, dims))
+            .try_fold(Tensor::zeros(dims, DType::F32, &Device::Cpu)?, |acc, s| {
+                acc + s?
+            })?;
         let sum = all_reduce.sum_all_reduce(&mine)?;
         let error = (sum - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         anyhow::ensure!(error < 1e-5, "all-reduce of {dims:?}: off by {error}");
 
         let gathered = all_gather.all_gather(&mine)?;
         let expected = Tensor::cat(
-            &(0..WORLD_SIZE)
+            &(0..world_size)
                 .map(|r| share(r, dims))
                 .collect::<candle_core::Result<Vec<_>>>()?,
             0,
@@ -80,7 +89,10 @@ fn rank_checks() -> anyhow::Result<()> {
     // A view that starts inside its storage: only its own elements may travel.
     let whole = share(rank, (8, 16))?;
     let view = whole.i(4..8)?;
-    let expected = (share(0, (8, 16))?.i(4..8)? + share(1, (8, 16))?.i(4..8)?)?;
+    let expected = (0..world_size).try_fold(
+        Tensor::zeros((4, 16), DType::F32, &Device::Cpu)?,
+        |acc, r| acc + share(r, (8, 16))?.i(4..8)?,
+    )?;
     let error = (all_reduce.sum_all_reduce(&view)? - expected)?
         .abs()?
         .max_all()?
@@ -97,17 +109,26 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn launch() -> ExitCode {
+/// Runs a ring of `world_size` ranks; whether every rank passed.
+fn launch(world_size: usize) -> bool {
     let dir = std::env::temp_dir().join(format!("ring-collective-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let (p0, p1, master) = (free_port(), free_port(), free_port());
-    let configs = [
-        serde_json::json!({"master_port": master, "port": p0, "right_ip": "127.0.0.1",
-                           "right_port": p1, "rank": 0, "world_size": WORLD_SIZE}),
-        serde_json::json!({"master_ip": "127.0.0.1", "master_port": master, "port": p1,
-                           "right_ip": "127.0.0.1", "right_port": p0, "rank": 1,
-                           "world_size": WORLD_SIZE}),
-    ];
+    // Rank r listens on ports[r] and connects to its right neighbour, rank (r + 1) % world_size.
+    let ports: Vec<u16> = (0..world_size).map(|_| free_port()).collect();
+    let master = free_port();
+    let configs: Vec<serde_json::Value> = (0..world_size)
+        .map(|rank| {
+            let mut config = serde_json::json!({
+                "master_port": master, "port": ports[rank], "right_ip": "127.0.0.1",
+                "right_port": ports[(rank + 1) % world_size], "rank": rank,
+                "world_size": world_size,
+            });
+            if rank > 0 {
+                config["master_ip"] = "127.0.0.1".into();
+            }
+            config
+        })
+        .collect();
     let exe = std::env::current_exe().expect("own path");
     let mut children: Vec<_> = configs
         .iter()
@@ -151,10 +172,11 @@ fn launch() -> ExitCode {
     }
     let _ = std::fs::remove_dir_all(&dir);
     if failed {
-        println!("ring collectives: FAILED");
-        ExitCode::FAILURE
+        println!("ring collectives of {world_size} ranks: FAILED");
     } else {
-        println!("ring collectives: both ranks got the right sums and gathers");
-        ExitCode::SUCCESS
+        println!(
+            "ring collectives of {world_size} ranks: every rank got the right sums and gathers"
+        );
     }
+    !failed
 }

@@ -675,18 +675,22 @@ lq_decode_reduce(const float* __restrict__ part_out, const float* __restrict__ p
   const float* pm = part_max + row * n_slots;
   const float* ps = part_sum + row * n_slots;
   float m = -INFINITY;
-  for (int s = 0; s < n_slots; ++s) m = fmaxf(m, pm[s]);  // NaN (bad launch) propagates below
+  bool bad = false;  // a span block that could not run marks its slot NaN (fmaxf would skip it)
+  for (int s = 0; s < n_slots; ++s) {
+    m = fmaxf(m, pm[s]);
+    bad |= isnan(pm[s]);
+  }
   float sum = 0.f, acc_q = 0.f, acc_d = 0.f;
   const bool any = m != -INFINITY;
   for (int s = 0; s < n_slots && any; ++s) {
     const float ms = pm[s];
-    if (ms == -INFINITY) continue;  // empty slot: its part_out was never written
+    if (ms == -INFINITY || isnan(ms)) continue;  // empty slot: its part_out was never written
     const float w = exp2f(ms - m);
     sum += w * ps[s];
     const float o = w * part_out[(row * n_slots + s) * d + c];
     if (s < quant_slots) acc_q += o; else acc_d += o;
   }
-  if (isnan(m)) sum = m;
+  if (bad) sum = NAN;
   if (rotated) {
     rot[c] = acc_q;
     for (int h = 1; h < d; h <<= 1) {
