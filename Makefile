@@ -3,7 +3,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: prepare build serve test check lint bench eval build-cuda device-check-bundle build-ring test-tp
+.PHONY: prepare build serve test check lint bench eval build-cuda device-check-bundle build-ring test-tp figures
 
 prepare:
 	@./scripts/prepare-patched-crates.sh
@@ -27,6 +27,11 @@ lint: prepare
 	$(CARGO) fmt --check
 	$(CARGO) fmt --check --manifest-path patches/ring-collective-check/Cargo.toml
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+# Redraw every figure in docs/figures/ from its JSON in docs/data/ with the binary's `report`
+# subcommand (scripts/figures.sh; `scripts/figures.sh --check` compares instead of writing).
+figures: build
+	./scripts/figures.sh
 
 # Not one of the two commands, and never in CI: a release binary with `--features cuda`, built
 # here without a GPU (pinned CUDA 13.0 wheels into target/cuda-toolkit; target/cuda).

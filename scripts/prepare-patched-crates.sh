@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# For every patches/<crate>+<version>.patch: fetch the pristine published crate and apply the
-# patch into target/patched/<crate>-<version>, the path that Cargo.toml's [patch.crates-io]
-# names. Idempotent: does nothing for a crate whose patched copy matches its patch file. Stops
-# with the failing hunk named when a patch no longer applies.
+# For every patch series patches/<crate>+<version>/: fetch the pristine published crate and
+# apply the series' *.patch files, in name order (0001-..., 0002-...), into
+# target/patched/<crate>-<version>, the path that Cargo.toml's [patch.crates-io] names.
+# Idempotent: does nothing for a crate whose patched copy matches its series (the sha256 of the
+# series files concatenated in order is stamped in the copy). Stops with the patch file and its
+# failing hunks named when a patch no longer applies.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,16 +15,22 @@ fetched=false
 die() { echo "prepare-patched-crates: $*" >&2; exit 1; }
 
 shopt -s nullglob
-patches=("$root"/patches/*+*.patch)
-[ ${#patches[@]} -gt 0 ] || die "no patches/<crate>+<version>.patch"
+series_dirs=("$root"/patches/*+*/)
+[ ${#series_dirs[@]} -gt 0 ] || die "no patches/<crate>+<version>/ patch series"
 
-for patch_file in "${patches[@]}"; do
-  name="$(basename "$patch_file" .patch)"
+for series_dir in "${series_dirs[@]}"; do
+  series_dir="${series_dir%/}"
+  name="$(basename "$series_dir")"
   crate="${name%+*}"
   version="${name#*+}"
+  # In name order, bytewise (LC_ALL=C): the numbered prefixes decide the order.
+  patch_files=()
+  while IFS= read -r f; do patch_files+=("$f"); done \
+    < <(LC_ALL=C find "$series_dir" -maxdepth 1 -type f -name '*.patch' | LC_ALL=C sort)
+  [ ${#patch_files[@]} -gt 0 ] || die "$series_dir has no *.patch files"
   dest="$dest_parent/$crate-$version"
   stamp="$dest/.logquant-patch.sha256"
-  want="$(sha256sum "$patch_file" | cut -d' ' -f1)"
+  want="$(cat "${patch_files[@]}" | sha256sum | cut -d' ' -f1)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     continue
   fi
@@ -42,16 +50,22 @@ for patch_file in "${patches[@]}"; do
   tar -xzf "$archive" -C "$tmp"
   [ -f "$tmp/$crate-$version/Cargo.toml" ] || die "$archive did not unpack to $crate-$version/"
 
-  if ! out="$(patch -p1 --batch --forward --dry-run -d "$tmp/$crate-$version" -i "$patch_file" 2>&1)"; then
-    echo "$out" | grep -E "FAILED|can't find file|malformed|Reversed" >&2 || echo "$out" >&2
-    die "$(basename "$patch_file") does not apply to pristine $crate $version (failing hunks above)"
-  fi
-  patch -p1 --batch --forward --silent -d "$tmp/$crate-$version" -i "$patch_file"
+  # Each patch applies on top of the ones before it: dry-run it there, then apply it.
+  for patch_file in "${patch_files[@]}"; do
+    rel="patches/$name/$(basename "$patch_file")"
+    if ! out="$(patch -p1 --batch --forward --dry-run -d "$tmp/$crate-$version" -i "$patch_file" 2>&1)"; then
+      # Each failing hunk with its file ("checking file F" / "patching file F" precede them).
+      echo "$out" | awk '/^(checking|patching) file /{f=$3} /FAILED|can.t find file|malformed|Reversed|garbage/{print (f ? f ": " : "") $0; n++} END{exit !n}' >&2 \
+        || echo "$out" >&2
+      die "$rel does not apply to pristine $crate $version plus the patches before it (failing hunks above)"
+    fi
+    patch -p1 --batch --forward --silent -d "$tmp/$crate-$version" -i "$patch_file"
+  done
   echo "$want" > "$tmp/$crate-$version/.logquant-patch.sha256"
 
   rm -rf "$dest"
   mv "$tmp/$crate-$version" "$dest"
   rm -rf "$tmp"
   trap - EXIT
-  echo "prepare-patched-crates: applied $(basename "$patch_file") to $dest"
+  echo "prepare-patched-crates: applied patches/$name/ (${#patch_files[@]} patches) to $dest"
 done

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 
 SHAPES = {
-    # SmolLM2-135M-Instruct's config: what the CPU results in docs/results.md use.
+    # SmolLM2-135M-Instruct's config: what the CPU results in docs/ (quality.md, speed.md) use.
     "smollm2-135m": dict(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9,
                          kv_heads=3, rope_theta=100000.0, tied=True),
     # Llama-3.2-1B's attention shape (head_dim 64, 8 KV heads), a GPU-sized load.

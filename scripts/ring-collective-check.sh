@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The ring collective bug of mistralrs-quant 0.8.1, reproduced and fixed (make test-tp runs it).
+# The fix is patches/mistralrs-quant+0.8.1/0001-ring-collectives-wire-size-views-and-sums.patch.
 # Builds patches/ring-collective-check twice (into target/ring, sharing its dependencies):
 # against the pristine published crate, where the check must FAIL (the all-reduce and
 # all-gather size their wire buffers as len² bytes), and against the patched copy

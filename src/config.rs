@@ -117,7 +117,7 @@ pub const ALLOWED_BITS: [u8; 4] = [2, 3, 4, 8];
 
 /// The LogQuant cache configuration. `Default` is the setting this crate recommends (4-bit keys
 /// grouped per channel over 64 tokens, 2-bit values, Hadamard rotation, W = 42: about 3.9 bits
-/// per cached value at 4k tokens; docs/results.md has the measurements that chose it, among
+/// per cached value at 4k tokens; docs/quality.md has the measurements that chose it, among
 /// them that 3-bit keys lose long-range retrieval);
 /// [`LogQuantConfig::paper`] is the paper's 2-bit setting.
 ///

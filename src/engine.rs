@@ -156,7 +156,7 @@ pub enum Weights {
 const DEQUANTIZE_ALL_ENV: &str = "CANDLE_DEQUANTIZE_ALL";
 
 /// Below this many parameters, `--weights auto` requantizes a GGUF model's scalar-only
-/// tensors to Q8_0 on the CPU (docs/results.md, "The default command on the CPU"); at 1B the
+/// tensors to Q8_0 on the CPU (docs/speed.md, "The default command on the CPU"); at 1B the
 /// Q8_0 copy of a Q4_1 file takes 0.4 GiB more, which a user of a quantized file did not ask for.
 pub const SMALL_MODEL_PARAMETERS: u64 = 1_000_000_000;
 

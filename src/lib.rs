@@ -2,7 +2,7 @@
 //!
 //! LogQuant 2-bit KV-cache quantization for the [mistral.rs] inference engine.
 //!
-//! mistral.rs 0.8.1 has a closed cache type; `patches/mistralrs-core+0.8.1.patch` adds a
+//! mistral.rs 0.8.1 has a closed cache type; the patches in `patches/mistralrs-core+0.8.1/` add a
 //! pluggable KV-cache backend seam to it ([`mistralrs_core::kv_cache_backend`]). This crate
 //! registers its backends there and builds engines that use them:
 //!

@@ -35,7 +35,7 @@ const RING_BIN: &str = env!("CARGO_BIN_EXE_mistralrs-logquant");
 
 /// Largest difference in a token's log-probability between the split and the single process.
 /// Each rank sums half of every attention and MLP output and the halves are added over TCP:
-/// the same f32 numbers in another order (measured: see docs/results.md "Tensor parallelism").
+/// the same f32 numbers in another order (measured: see docs/tensor-parallel.md).
 const LOGPROB_TOLERANCE: f32 = 1e-3;
 
 /// Tokens generated per request.

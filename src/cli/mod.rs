@@ -1,7 +1,10 @@
 //! The `mistralrs-logquant` command line: raw flags, turned into validated options in one place.
 
+pub mod access;
 pub mod bench;
 pub mod eval;
+pub mod listener;
+pub mod media;
 pub mod metrics;
 pub mod openai;
 pub mod report;

@@ -73,6 +73,8 @@ pub enum Endpoint {
 pub struct Checked {
     /// `seed`: sample from a generator of this seed.
     pub seed: Option<u64>,
+    /// `stream_options.include_usage`: a streamed reply ends with a usage chunk.
+    pub include_usage: bool,
 }
 
 fn number(object: &Map<String, Value>, field: &str) -> Result<Option<f64>, ApiError> {
@@ -191,7 +193,40 @@ pub fn check_request(
             integer_in(object, "logprobs", 0, 5)?;
         }
     }
-    Ok(Checked { seed })
+    let include_usage = match object.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ApiError::field(
+                    "stream_options.include_usage",
+                    format!("invalid value {other} for `stream_options.include_usage` (allowed: true, false)"),
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::field(
+                "stream_options",
+                format!("invalid value {other} for `stream_options` (allowed: an object)"),
+            ))
+        }
+    };
+    // mistral.rs 0.8.1 reads `logit_bias` and never applies it: refused rather than ignored.
+    match object.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) if map.is_empty() => {}
+        Some(_) => {
+            return Err(ApiError::field(
+                "logit_bias",
+                "`logit_bias` is not supported by this server",
+            ))
+        }
+    }
+    Ok(Checked {
+        seed,
+        include_usage,
+    })
 }
 
 /// `response_format`: `text`, `json_schema`, or `json_object` (any JSON object, through
@@ -208,6 +243,12 @@ fn check_response_format(object: &mut Map<String, Value>) -> Result<(), ApiError
             format.to_string(),
         ),
     };
+    if object.get("grammar").is_some_and(|g| !g.is_null()) {
+        return Err(ApiError::field(
+            "response_format",
+            "`response_format` and `grammar` cannot be used together",
+        ));
+    }
     match kind.as_str() {
         "text" | "json_schema" => Ok(()),
         "json_object" => {
@@ -367,6 +408,8 @@ struct Shaper {
     model: Option<String>,
     /// Characters streamed so far per choice (completions `text_offset`).
     offsets: HashMap<u64, usize>,
+    /// Whether a streamed reply ends with a usage chunk (`stream_options.include_usage`).
+    include_usage: bool,
 }
 
 impl Shaper {
@@ -378,6 +421,7 @@ impl Shaper {
             return;
         };
         for choice in choices {
+            trim_cut_character(choice);
             let index = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let text_len = choice
                 .get("text")
@@ -452,7 +496,49 @@ impl Shaper {
             Ok(v) if v.get("error").is_some() => v,
             _ => stream_error(&data),
         };
-        format!("{other}data: {shaped}\n\n")
+        // mistral.rs puts the usage on the last content chunk, asked for or not. OpenAI sends
+        // it only with `include_usage`, as a chunk of its own with no choices.
+        let usage = match shaped.get("usage") {
+            Some(u) if !u.is_null() => Some(u.clone()),
+            _ => None,
+        };
+        let Some(usage) = usage else {
+            return format!("{other}data: {shaped}\n\n");
+        };
+        let mut content = shaped.clone();
+        content["usage"] = Value::Null;
+        let mut out = String::new();
+        let has_choices = content
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
+        if has_choices {
+            out.push_str(&format!("{other}data: {content}\n\n"));
+        }
+        if self.include_usage {
+            let mut usage_chunk = content;
+            usage_chunk["choices"] = json!([]);
+            usage_chunk["usage"] = usage;
+            out.push_str(&format!("data: {usage_chunk}\n\n"));
+        }
+        out
+    }
+}
+
+/// A reply cut by the length limit inside a multi-byte character ends in U+FFFD, the
+/// detokenizer's stand-in for the incomplete bytes: those bytes are held back, as a stream holds
+/// them back until the character is complete.
+fn trim_cut_character(choice: &mut Value) {
+    if choice.get("finish_reason").and_then(Value::as_str) != Some("length") {
+        return;
+    }
+    for pointer in ["/message/content", "/delta/content", "/text"] {
+        let Some(text) = choice.pointer_mut(pointer) else {
+            continue;
+        };
+        if let Some(t) = text.as_str().filter(|t| t.ends_with('\u{FFFD}')) {
+            *text = Value::String(t.trim_end_matches('\u{FFFD}').to_string());
+        }
     }
 }
 
@@ -460,6 +546,7 @@ impl Shaper {
 pub async fn shape_response(
     endpoint: Endpoint,
     model: Option<String>,
+    checked: Checked,
     response: Response,
 ) -> Response {
     let status = response.status();
@@ -479,6 +566,7 @@ pub async fn shape_response(
         endpoint,
         model,
         offsets: HashMap::new(),
+        include_usage: checked.include_usage,
     };
     if is_stream {
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -547,6 +635,7 @@ mod tests {
             endpoint: Endpoint::Completion,
             model: Some("My-Model".into()),
             offsets: HashMap::new(),
+            include_usage: false,
         };
         let mut body = json!({"model": "/models/dir", "choices": [{"index": 0,
             "text": "Hi there", "logprobs": {"content": [entry(" there", -0.5)]}}]});
@@ -565,6 +654,7 @@ mod tests {
             endpoint: Endpoint::Chat,
             model: Some("My-Model".into()),
             offsets: HashMap::new(),
+            include_usage: false,
         };
         let event = shaper.shape_event("data: logquant: group size 48\n\n");
         let v: Value = serde_json::from_str(event.trim().strip_prefix("data: ").unwrap()).unwrap();

@@ -109,11 +109,11 @@ pub fn report(args: ReportArgs) -> Result<()> {
 mod provenance_tests {
     use super::*;
 
-    /// The results committed in docs/ (written before runs recorded their conditions) still
+    /// The results committed in docs/data/ (written before runs recorded their conditions) still
     /// read, and a run's record reads back from bench and eval JSON.
     #[test]
     fn committed_results_and_recorded_runs_both_read() {
-        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join("data");
         let mut read = 0;
         for entry in std::fs::read_dir(&docs).unwrap() {
             let path = entry.unwrap().path();

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use axum::body::Body;
@@ -18,6 +19,9 @@ use mistralrs_core::MistralRs;
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use serde_json::json;
 
+use super::access::{self, AccessPolicy, ApiKey};
+use super::listener::{self, ConnectionLimits};
+use super::media::{HostFilter, MediaPolicy};
 use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
@@ -48,6 +52,145 @@ pub struct ServeArgs {
     /// same model (a safetensors directory) and flags; start rank 0 within 10 s of the others.
     #[arg(long, value_name = "FILE")]
     pub rank_config: Option<PathBuf>,
+    #[command(flatten)]
+    pub exposure: ExposureArgs,
+}
+
+/// Who may call the server, and what a request may make it do.
+#[derive(Args, Debug, Clone)]
+pub struct ExposureArgs {
+    /// Require `Authorization: Bearer KEY` on every route but `/health` (401 otherwise).
+    /// Read from the MISTRALRS_LOGQUANT_API_KEY environment variable when absent, which keeps
+    /// the key out of the process list.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<ApiKey>,
+    /// Mount mistral.rs's admin routes (`/v1/models/unload|reload|status|tune`,
+    /// `/v1/system/info|doctor`, `/re_isq`), behind the API key. Off: they answer 404.
+    #[arg(long)]
+    pub enable_admin_routes: bool,
+    /// Vision and audio models: local media paths and `file://` URLs are read only under this
+    /// directory (symlinks resolved). Without it they are refused.
+    #[arg(long, value_name = "DIR")]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Vision and audio models: fetch http(s) media URLs (public addresses only, bounded by
+    /// --max-media-bytes, --media-fetch-timeout and --media-max-redirects). Off: refused.
+    #[arg(long)]
+    pub allow_remote_media: bool,
+    /// With --allow-remote-media: also fetch from loopback, private and link-local addresses.
+    #[arg(long)]
+    pub allow_private_media_hosts: bool,
+    /// Largest media file a request may carry or name (e.g. `20MiB`).
+    #[arg(long, value_name = "SIZE", default_value = "20MiB", value_parser = parse_bytes)]
+    pub max_media_bytes: u64,
+    /// Seconds to fetch one remote media URL, redirects included.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub media_fetch_timeout: u64,
+    /// Redirects followed per remote media URL.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub media_max_redirects: usize,
+    /// Largest request body (e.g. `16MiB`); larger ones get 413.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: u64,
+    /// Most messages in one chat request.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_messages: usize,
+    /// Seconds a client may take to send a request's headers, and then its body (408 for a
+    /// body not read in time); a slow client cannot hold a connection open forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub request_read_timeout: u64,
+    /// Client connections served at once; more wait in the listen backlog.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    parse_size::parse_size(text).map_err(|e| format!("`{text}` is not a size: {e}"))
+}
+
+impl ExposureArgs {
+    /// Check the flags against each other and the bind address, before any model is loaded.
+    /// The key comes from the environment when the flag is absent.
+    fn resolve(&self, host: &str) -> Result<(AccessPolicy, Option<PathBuf>)> {
+        let api_key = match &self.api_key {
+            Some(key) => Some(key.clone()),
+            None => match std::env::var(access::API_KEY_ENV) {
+                Ok(text) if !text.is_empty() => Some(
+                    text.parse::<ApiKey>()
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", access::API_KEY_ENV))?,
+                ),
+                _ => None,
+            },
+        };
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if self.enable_admin_routes && api_key.is_none() && !loopback {
+            bail!(
+                "--enable-admin-routes on {host} needs --api-key (anyone who reaches the port \
+                 could unload the model)"
+            );
+        }
+        if self.allow_private_media_hosts && !self.allow_remote_media {
+            bail!("--allow-private-media-hosts needs --allow-remote-media");
+        }
+        for (value, flag) in [
+            (self.media_fetch_timeout, "--media-fetch-timeout"),
+            (self.request_read_timeout, "--request-read-timeout"),
+            (self.max_messages as u64, "--max-messages"),
+            (self.max_connections as u64, "--max-connections"),
+            (self.max_request_bytes, "--max-request-bytes"),
+        ] {
+            if value == 0 {
+                bail!("invalid value `0` for {flag} (allowed: 1 or more)");
+            }
+        }
+        let local_dir = match &self.allowed_local_media_path {
+            None => None,
+            Some(dir) => {
+                let real = std::fs::canonicalize(dir)
+                    .with_context(|| format!("--allowed-local-media-path {}", dir.display()))?;
+                if !real.is_dir() {
+                    bail!(
+                        "--allowed-local-media-path {} is not a directory",
+                        dir.display()
+                    );
+                }
+                Some(real)
+            }
+        };
+        if api_key.is_none() && !loopback {
+            tracing::warn!(
+                "serving on {host} without an API key: anyone who reaches the port can use the \
+                 model (--api-key or {})",
+                access::API_KEY_ENV
+            );
+        }
+        let policy = AccessPolicy {
+            api_key,
+            admin_routes: self.enable_admin_routes,
+        };
+        Ok((policy, local_dir))
+    }
+
+    fn media_policy(&self, local_dir: Option<PathBuf>, engine: &MistralRs) -> MediaPolicy {
+        let modalities = engine
+            .config(None)
+            .map(|c| MediaPolicy::modalities_of(&c.category, &c.modalities.input))
+            .unwrap_or_else(|_| MediaPolicy::text_only().modalities);
+        MediaPolicy {
+            modalities,
+            local_dir,
+            remote: self.allow_remote_media,
+            hosts: match self.allow_private_media_hosts {
+                true => HostFilter::Any,
+                false => HostFilter::PublicOnly,
+            },
+            max_bytes: self.max_media_bytes,
+            fetch_timeout: Duration::from_secs(self.media_fetch_timeout),
+            max_redirects: self.media_max_redirects,
+        }
+    }
 }
 
 /// `GET /v1/kv-cache`: the active cache, its parameters and its usage. Under tensor
@@ -155,14 +298,62 @@ async fn wait_until_engine_idle() {
     }
 }
 
-/// Largest request body accepted (prompts up to the context fit many times over).
-const MAX_BODY_BYTES: usize = 16 << 20;
+/// What [`validate_request`] checks a request against.
+struct RequestPolicy {
+    engine: Arc<MistralRs>,
+    media: MediaPolicy,
+    max_messages: usize,
+    /// The model's context in tokens, when mistral.rs knows it.
+    context: Option<usize>,
+}
+
+/// How long and how large a request body may be (see [`read_body`]).
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max_bytes: usize,
+    timeout: Duration,
+}
+
+/// Read every request's body whole before any handler runs: over `max_bytes` is a 413, a body
+/// not received within `timeout` a 408, so a slow or endless upload holds no handler.
+async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: Some("request_too_large"),
+                ..ApiError::invalid(format!(
+                    "request body over {} bytes (serve --max-request-bytes)",
+                    limits.max_bytes
+                ))
+            }
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError {
+                status: StatusCode::REQUEST_TIMEOUT,
+                code: Some("request_timeout"),
+                ..ApiError::invalid(format!(
+                    "request body not received within {} s",
+                    limits.timeout.as_secs()
+                ))
+            }
+            .into_response()
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
 
 /// Reject malformed completion requests with a 4xx in OpenAI's error shape before they reach
 /// the engine (bad JSON, an unknown model, no messages or an empty prompt, out-of-range
-/// sampling parameters), and bring every answer into OpenAI's shape (see [`openai`]).
+/// sampling parameters, media the model or the server does not take), and bring every answer
+/// into OpenAI's shape (see [`openai`]).
 async fn validate_request(
-    State(engine): State<Arc<MistralRs>>,
+    State(policy): State<Arc<RequestPolicy>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -178,7 +369,7 @@ async fn validate_request(
         Endpoint::Completion
     };
     let (parts, body) = request.into_parts();
-    let (body, checked) = match check_body(&engine, endpoint, body).await {
+    let (body, checked) = match check_body(&policy, endpoint, body).await {
         Ok(checked) => checked,
         Err(e) => return e.into_response(),
     };
@@ -187,24 +378,21 @@ async fn validate_request(
         Some(seed) => mistralrs_core::with_request_seed(seed, next.run(request)).await,
         None => next.run(request).await,
     };
-    let model = engine.get_default_model_id().ok().flatten();
-    openai::shape_response(endpoint, model, response).await
+    let model = policy.engine.get_default_model_id().ok().flatten();
+    openai::shape_response(endpoint, model, checked, response).await
 }
 
 /// The checked (and possibly rewritten) body of a chat or completion request.
 async fn check_body(
-    engine: &MistralRs,
+    policy: &RequestPolicy,
     endpoint: Endpoint,
     body: Body,
 ) -> Result<(Body, openai::Checked), ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+    let engine = &policy.engine;
+    // Already read whole and bounded by [`read_body`].
+    let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
-        .map_err(|e| ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            ..ApiError::invalid(format!(
-                "request body unreadable or over {MAX_BODY_BYTES} bytes: {e}"
-            ))
-        })?;
+        .map_err(|e| ApiError::invalid(format!("request body unreadable: {e}")))?;
     let mut value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
     let Some(object) = value.as_object_mut() else {
@@ -243,6 +431,27 @@ async fn check_body(
                     "`messages` must be a non-empty list",
                 ));
             }
+            let count = object["messages"].as_array().map_or(0, Vec::len);
+            if count > policy.max_messages {
+                return Err(ApiError::field(
+                    "messages",
+                    format!(
+                        "{count} messages, over this server's limit of {} (serve --max-messages)",
+                        policy.max_messages
+                    ),
+                ));
+            }
+            // mistral.rs would search the web and fetch the pages the model picks.
+            if object
+                .get("web_search_options")
+                .is_some_and(|v| !v.is_null())
+            {
+                return Err(ApiError::field(
+                    "web_search_options",
+                    "web search is not available on this server",
+                ));
+            }
+            policy.media.check_messages(object).await?;
         }
         Endpoint::Completion => {
             let empty = match object.get("prompt") {
@@ -259,6 +468,23 @@ async fn check_body(
         }
     }
     let checked = openai::check_request(endpoint, object)?;
+    if let Some(context) = policy.context {
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(n) = object.get(field).and_then(|v| v.as_u64()) {
+                if n > context as u64 {
+                    return Err(ApiError {
+                        code: Some("context_length_exceeded"),
+                        ..ApiError::field(
+                            field,
+                            format!(
+                                "`{field}` is {n}, over the model's context of {context} tokens"
+                            ),
+                        )
+                    });
+                }
+            }
+        }
+    }
     Ok((Body::from(value.to_string()), checked))
 }
 
@@ -291,6 +517,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .parse()
         .with_context(|| format!("invalid --host `{}`", args.host))?;
     super::init_logging();
+    let (access_policy, local_media_dir) = args.exposure.resolve(&args.host)?;
     if let Some(worker) = rank.as_ref().filter(|r| r.config.is_worker()) {
         return serve_as_worker(&args, cache, prefix_cache_n, worker).await;
     }
@@ -310,10 +537,22 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let report_choice = Arc::new(cache.clone());
     let report_rank = Arc::new(rank.as_ref().map(|r| r.config.clone()));
     let server_metrics = Arc::new(Metrics::new(&cache));
+    let request_policy = Arc::new(RequestPolicy {
+        media: args.exposure.media_policy(local_media_dir, &engine),
+        max_messages: args.exposure.max_messages,
+        context: engine.config(None).ok().and_then(|c| c.max_seq_len),
+        engine: engine.clone(),
+    });
+    let body_limits = BodyLimits {
+        max_bytes: usize::try_from(args.exposure.max_request_bytes).unwrap_or(usize::MAX),
+        timeout: Duration::from_secs(args.exposure.request_read_timeout),
+    };
     let router = MistralRsServerRouterBuilder::new()
         .with_mistralrs(engine.clone())
+        .with_max_body_limit(body_limits.max_bytes)
         .build()
         .await?
+        .fallback(access::unknown_route)
         .route(
             "/v1/kv-cache",
             get(move || {
@@ -332,7 +571,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 .map(|_| Arc::new(tokio::sync::Semaphore::new(1))),
             one_request_at_a_time,
         ))
-        .layer(middleware::from_fn_with_state(engine, validate_request))
+        .layer(middleware::from_fn_with_state(
+            request_policy,
+            validate_request,
+        ))
+        .layer(middleware::from_fn_with_state(body_limits, read_body))
+        // The key and the route policy before anything reads the body.
+        .layer(middleware::from_fn_with_state(
+            Arc::new(access_policy),
+            access::guard,
+        ))
         // Outermost: counts every answer, the validation's refusals included.
         .layer(middleware::from_fn_with_state(
             server_metrics,
@@ -348,12 +596,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         options.model.model_id(),
         cache.label()
     );
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+    let limits = ConnectionLimits {
+        header_read_timeout: Duration::from_secs(args.exposure.request_read_timeout),
+        max_connections: args.exposure.max_connections,
+    };
+    listener::serve(listener, router, limits, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
 }
 
 /// A rank >= 1: load this rank's share and serve rank 0's requests until killed (mistral.rs's
