@@ -329,7 +329,14 @@ fn invalid_flags_are_rejected_before_the_model_loads() {
             &["--model-id", "/nonexistent/model.gguf"],
             "/nonexistent/model.gguf",
         ),
-        (&["--prefix-cache-n", "4"], "--prefix-cache-n"),
+        (&["--prefix-cache-bytes", "lots"], "--prefix-cache-bytes"),
+        (&["--max-messages", "0"], "--max-messages"),
+        (&["--api-key", ""], "API key"),
+        (&["--allow-private-media-hosts"], "--allow-remote-media"),
+        (
+            &["--allowed-local-media-path", "/nonexistent-media"],
+            "--allowed-local-media-path",
+        ),
         (&["--host", "not an address"], "--host"),
     ];
     for (args, needle) in cases {

@@ -12,7 +12,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use mistralrs_core::kv_cache_backend::{kv_cache_usage, KvCacheUsage};
+use mistralrs_core::kv_cache_backend::{kv_cache_usage, prefix_cache_stats, KvCacheUsage};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use mistralrs_logquant::engine::KvCacheChoice;
@@ -35,8 +35,29 @@ pub struct Metrics {
     live_default_cache_bytes: IntGauge,
     peak_live_bytes: IntGauge,
     finished_sequences: IntCounter,
+    prefix_cache_entries: IntGauge,
+    prefix_cache_bytes: IntGauge,
+    prefix_cache_hits: IntCounter,
+    prefix_cache_reused_tokens: IntCounter,
     /// Serializes scrapes: the finished-sequence counter is advanced to the book's count.
     scrape: Mutex<()>,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::with_opts(Opts::new(name, help).namespace(NAMESPACE))
+        .expect("valid metric name");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("metric registered once");
+    counter
+}
+
+/// Advance a counter to a total that only grows.
+fn advance(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
+    }
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -126,6 +147,26 @@ impl Metrics {
                 "kv_cache_peak_live_bytes",
                 "Highest kv_cache_live_bytes since the server started.",
             ),
+            prefix_cache_entries: gauge(
+                &registry,
+                "prefix_cache_entries",
+                "Finished sequences kept for prefix reuse.",
+            ),
+            prefix_cache_bytes: gauge(
+                &registry,
+                "prefix_cache_bytes",
+                "KV bytes the prefix cache holds (compressed bytes for LogQuant).",
+            ),
+            prefix_cache_hits: counter(
+                &registry,
+                "prefix_cache_hits_total",
+                "Requests that started from a cached prefix.",
+            ),
+            prefix_cache_reused_tokens: counter(
+                &registry,
+                "prefix_cache_reused_tokens_total",
+                "Prompt tokens served from the prefix cache instead of prefilled.",
+            ),
             registry,
             requests,
             finished_sequences,
@@ -156,11 +197,12 @@ impl Metrics {
         gauge(&self.peak_live_bytes, usage.peak_live_bytes);
         // The book's count only grows (unless the process resets it, which the server never
         // does): advance the counter to it.
-        let finished = usage.finished_sequences as u64;
-        let seen = self.finished_sequences.get();
-        if finished > seen {
-            self.finished_sequences.inc_by(finished - seen);
-        }
+        advance(&self.finished_sequences, usage.finished_sequences as u64);
+        let prefix = prefix_cache_stats();
+        gauge(&self.prefix_cache_entries, prefix.entries);
+        gauge(&self.prefix_cache_bytes, prefix.bytes);
+        advance(&self.prefix_cache_hits, prefix.hits);
+        advance(&self.prefix_cache_reused_tokens, prefix.reused_tokens);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))

@@ -113,7 +113,9 @@ mod provenance_tests {
     /// read, and a run's record reads back from bench and eval JSON.
     #[test]
     fn committed_results_and_recorded_runs_both_read() {
-        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join("data");
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs")
+            .join("data");
         let mut read = 0;
         for entry in std::fs::read_dir(&docs).unwrap() {
             let path = entry.unwrap().path();

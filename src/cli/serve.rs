@@ -40,11 +40,15 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Sequences kept for prefix-cache reuse (0 turns it off). LogQuant cannot rewind its
-    /// cache, so with LogQuant the prefix cache is always off. [default: 16 with the default
-    /// cache]
-    #[arg(long)]
-    pub prefix_cache_n: Option<usize>,
+    /// Finished sequences kept for prefix-cache reuse (0 turns it off): a request that extends
+    /// a kept conversation (multi-turn chat) prefills only its new tokens. With LogQuant the
+    /// entry is reused as stored; a shorter match (an edited or regenerated turn) is not
+    /// served, since quantized tokens cannot be rewound.
+    #[arg(long, default_value_t = 16)]
+    pub prefix_cache_n: usize,
+    /// Most KV bytes the prefix cache keeps, on any device (oldest entries go first).
+    #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_bytes)]
+    pub prefix_cache_bytes: u64,
     /// Tensor parallelism across processes (a `ring` build, `make build-ring`): this rank's
     /// JSON config (`master_ip`, `master_port`, `port`, `right_ip`, `right_port`, `rank`,
     /// `world_size`; mistral.rs's `RING_CONFIG`, which is read when this flag is absent).
@@ -197,6 +201,7 @@ impl ExposureArgs {
 /// parallelism (`rank`) the usage is this rank's share: its `1 / world_size` of the KV heads.
 pub fn kv_cache_report(choice: &KvCacheChoice, rank: Option<&RankConfig>) -> serde_json::Value {
     let usage = mistralrs_core::kv_cache_backend::kv_cache_usage();
+    let prefix = mistralrs_core::kv_cache_backend::prefix_cache_stats();
     let layer = |u: &mistralrs_core::kv_cache_backend::LayerUsage| {
         json!({
             "tokens": u.tokens,
@@ -226,6 +231,14 @@ pub fn kv_cache_report(choice: &KvCacheChoice, rank: Option<&RankConfig>) -> ser
         "finished_sequences": usage.finished_sequences,
         "last_finished": usage.last_finished.as_ref().map(layer),
         "finished_total": layer(&usage.finished_total),
+        "prefix_cache": {
+            "entries": prefix.entries,
+            "bytes": prefix.bytes,
+            "max_bytes": prefix.max_bytes,
+            "hits": prefix.hits,
+            "reused_tokens": prefix.reused_tokens,
+            "evicted": prefix.evicted,
+        },
         "tensor_parallel": rank.map(|r| json!({
             "rank": r.rank,
             "world_size": r.world_size,
@@ -505,14 +518,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
              is GGUF, which mistral.rs 0.8.1 does not split)"
         );
     }
-    let prefix_cache_n = match (&cache, args.prefix_cache_n) {
-        (KvCacheChoice::Default, n) => n.unwrap_or(16),
-        (_, None | Some(0)) => 0,
-        (other, Some(n)) => bail!(
-            "--prefix-cache-n {n} needs cache rewinds, which the {} KV cache refuses; use 0",
-            other.name()
-        ),
-    };
+    let prefix_cache_n = args.prefix_cache_n;
+    mistralrs_core::kv_cache_backend::set_prefix_cache_max_bytes(Some(
+        usize::try_from(args.prefix_cache_bytes).unwrap_or(usize::MAX),
+    ));
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host `{}`", args.host))?;
@@ -527,12 +536,6 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     let mut options = args.model.engine_options(cache.clone()).await?;
     options.prefix_cache_n = (prefix_cache_n > 0).then_some(prefix_cache_n);
-    if !matches!(cache, KvCacheChoice::Default) {
-        tracing::info!(
-            "KV cache: {}; prefix cache off (a compressed cache cannot be rewound)",
-            cache.label()
-        );
-    }
     let engine = build_engine(&options).await?;
     let report_choice = Arc::new(cache.clone());
     let report_rank = Arc::new(rank.as_ref().map(|r| r.config.clone()));
