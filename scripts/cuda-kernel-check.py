@@ -16,7 +16,7 @@ without Rust: on the GPU machine (CuPy, PyTorch, numpy, nvcc) or, for the numpy 
                                            target/cuda-toolkit, or nvcc on PATH).
 
 The numpy quantizer below is written from the spec (../shared/design/logquant-spec.md section 2)
-and src/quant.rs, independently of the kernel: asymmetric min/max groups, minimum rounded down
+and src/cache/quant.rs, independently of the kernel: asymmetric min/max groups, minimum rounded down
 and scale rounded up to f16, codes round-half-even, little-endian bit-stream packing.
 """
 

@@ -21,7 +21,7 @@
 //! - [`tensor_parallel`]: rank configs for mistral.rs's multi-process tensor parallelism (the
 //!   `ring` build).
 //!
-//! The `mistralrs-logquant` binary (`src/main.rs`, `src/cli/`, `src/plot.rs`) holds the
+//! The `mistralrs-logquant` binary (`src/main.rs`, `src/cli/`, `src/cli/plot.rs`) holds the
 //! commands, the OpenAI server, the tables and the charts; none of it is library API.
 //!
 //! ```no_run
@@ -36,19 +36,13 @@
 //!
 //! [mistral.rs]: https://github.com/EricLBuehler/mistral.rs
 
-pub mod backend;
-pub mod bench;
-pub mod config;
-pub mod engine;
-pub mod eval;
-pub mod generate;
+pub mod cache;
+pub mod integration;
 pub mod kernels;
-pub mod model_source;
-pub mod packed;
-pub mod passthrough;
-pub mod policy;
-pub mod provenance;
-pub mod quant;
-pub mod retrieval;
-pub mod store;
-pub mod tensor_parallel;
+pub mod measure;
+
+// Every module by its own name too (`mistralrs_logquant::engine`, `crate::config`): the layers
+// are folders, the paths stay short.
+pub use cache::{config, packed, policy, quant, store};
+pub use integration::{backend, engine, model_source, passthrough, tensor_parallel};
+pub use measure::{bench, eval, generate, provenance, retrieval};

@@ -1,7 +1,6 @@
 //! `mistralrs-logquant`: mistral.rs with a LogQuant KV cache.
 
 mod cli;
-mod plot;
 
 use clap::Parser;
 use cli::{Cli, Command};

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::eval::parse_configs;
 use super::{CacheArgs, ModelArgs};
-use crate::plot::svg;
+use crate::cli::plot::svg;
 use mistralrs_logquant::bench::{bench, BenchRow, Budget, BudgetRow};
 use mistralrs_logquant::engine::KvCacheChoice;
 
@@ -205,8 +205,8 @@ pub fn budget_table(rows: &[BudgetRow]) -> String {
 }
 
 /// Decode throughput and KV bytes against context length, one line per (config, batch).
-pub fn charts(rows: &[BenchRow]) -> Vec<crate::plot::Chart> {
-    use crate::plot::{Chart, Series};
+pub fn charts(rows: &[BenchRow]) -> Vec<crate::cli::plot::Chart> {
+    use crate::cli::plot::{Chart, Series};
     let mut keys: Vec<(String, usize)> = Vec::new();
     for r in rows {
         if !keys.contains(&(r.config.clone(), r.batch)) {

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
-use crate::plot::svg;
+use crate::cli::plot::svg;
 use mistralrs_logquant::config::{allowed_names, AttentionKernel, PolicyKind};
 use mistralrs_logquant::engine::KvCacheChoice;
 use mistralrs_logquant::eval::{
@@ -321,8 +321,8 @@ pub fn segment_table(rows: &[EvalRow], window: EvalWindow) -> String {
 
 /// Mean negative log-likelihood in bins of scored positions, against context length, and the
 /// same minus the default cache's (the first row): what `eval --plot` draws.
-pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::plot::Chart> {
-    use crate::plot::{Chart, Series};
+pub fn charts(rows: &[EvalRow], window: EvalWindow) -> Vec<crate::cli::plot::Chart> {
+    use crate::cli::plot::{Chart, Series};
     let bin = (window.score / 100).max(16);
     let binned = |nll: &[f64]| -> Vec<(f64, f64)> {
         nll.chunks(bin)
@@ -396,8 +396,8 @@ fn pareto_chart(
     points: &[(String, Option<f64>, f64)],
     higher_is_better: bool,
     reference: Option<(String, f64)>,
-) -> Option<crate::plot::Chart> {
-    use crate::plot::{Chart, Series};
+) -> Option<crate::cli::plot::Chart> {
+    use crate::cli::plot::{Chart, Series};
     let mut placed: Vec<(&str, f64, f64)> = points
         .iter()
         .filter_map(|(label, bits, y)| Some((label.as_str(), (*bits)?, *y)))
@@ -506,8 +506,8 @@ pub fn copy_table(rows: &[CopyRow]) -> String {
 }
 
 /// Mean copy score against filler length, one line per configuration.
-pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::plot::Chart> {
-    use crate::plot::{Chart, Series};
+pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::cli::plot::Chart> {
+    use crate::cli::plot::{Chart, Series};
     let mut charts = vec![Chart {
         title: "Copy score after a filler".into(),
         x_label: "filler (tokens between the passage and its repetition)".into(),

@@ -7,6 +7,7 @@ pub mod listener;
 pub mod media;
 pub mod metrics;
 pub mod openai;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod serve;

@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::{bench, eval};
-use crate::plot::svg;
+use crate::cli::plot::svg;
 use mistralrs_logquant::bench::{BenchReport, BenchRow};
 use mistralrs_logquant::eval::{EvalRow, EvalWindow};
 use mistralrs_logquant::provenance::RunInfo;

@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::policy::PolicyKind;
 use crate::policy::{Policy, Selection};
 
 /// Bits of one group's f16 scale and f16 minimum (see `quant`).
@@ -345,7 +344,7 @@ impl LogQuantConfig {
     /// prefill of `tokens - 1` and one decode step (what a prompt and its first generated token
     /// leave): see [`CacheFootprint`].
     pub fn footprint(&self, tokens: usize) -> CacheFootprint {
-        let mut selection = Selection::new(Policy::from_config(self));
+        let mut selection = Selection::new(self.policy_rule());
         let mut evicted = selection.admit(tokens.saturating_sub(1)).len();
         if tokens > 0 {
             evicted += selection.admit(1).len();
@@ -390,6 +389,100 @@ impl LogQuantConfig {
         };
         let rotate = if self.rotate { ", rotated" } else { "" };
         format!("{policy}, {bits}, {groups}, keys {keys}{rotate}{kernel}")
+    }
+}
+
+/// Which tokens stay in full precision (`--kv-policy`, TOML `policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// LogQuant's log-distributed selection (Algorithm 1), at most 3W tokens.
+    Logquant,
+    /// The newest `recent` tokens (KIVI / HF QuantizedCache baseline).
+    Recent,
+    /// The first `sink` tokens plus the newest `recent` tokens (StreamingLLM-style).
+    SinkRecent,
+    /// Every token quantized once prefill is done.
+    None,
+}
+
+impl PolicyKind {
+    /// The name users write: `logquant`, `recent`, `sink-recent`, `none`.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Check the parameters this policy reads.
+    pub fn validate(self, config: &LogQuantConfig) -> Result<(), ConfigError> {
+        let positive = |field: &'static str, value: usize| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    field,
+                    value: "0".into(),
+                    allowed: "an integer >= 1".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Logquant => positive("window", config.window),
+            Self::Recent => positive("recent", config.recent),
+            Self::SinkRecent => {
+                positive("recent", config.recent)?;
+                positive("sink", config.sink)
+            }
+            Self::None => Ok(()),
+        }
+    }
+
+    /// Most tokens the policy keeps in full precision (excluding key-group staging).
+    pub fn full_precision_budget(self, config: &LogQuantConfig) -> usize {
+        match self {
+            Self::Logquant => 3 * config.window,
+            Self::Recent => config.recent,
+            Self::SinkRecent => config.sink + config.recent,
+            Self::None => 1,
+        }
+    }
+
+    /// The policy and its parameters, for logs, tables and `/v1/kv-cache`.
+    pub fn describe(self, config: &LogQuantConfig) -> String {
+        match self {
+            Self::Logquant => format!("logquant W={}", config.window),
+            Self::Recent => format!("recent R={}", config.recent),
+            Self::SinkRecent => format!("sink-recent S={} R={}", config.sink, config.recent),
+            Self::None => "none".to_string(),
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        parse_named("policy", s)
+    }
+}
+
+impl LogQuantConfig {
+    /// The full-precision rule this configuration selects, with its parameters.
+    pub fn policy_rule(&self) -> Policy {
+        match self.policy {
+            PolicyKind::Logquant => Policy::LogQuant {
+                window: self.window,
+            },
+            PolicyKind::Recent => Policy::Recent {
+                recent: self.recent,
+            },
+            PolicyKind::SinkRecent => Policy::SinkRecent {
+                sink: self.sink,
+                recent: self.recent,
+            },
+            PolicyKind::None => Policy::None,
+        }
     }
 }
 

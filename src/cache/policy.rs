@@ -4,89 +4,12 @@
 //! The selection depends only on positions, so every layer, head and batch row of equal length
 //! makes the same choice.
 //!
-//! A policy lives in this file alone: its name ([`PolicyKind`], which is also the flag value,
-//! the TOML value, the `--configs` name and the CLI help), its parameters and their checks, its
-//! full-precision budget, its description, and its rule in [`Selection::admit`]. Adding one is
-//! a variant and the match arms the compiler then asks for, plus its tests.
-
-use serde::{Deserialize, Serialize};
-
-use crate::config::{parse_named, ConfigError, LogQuantConfig};
-
-/// Which tokens stay in full precision (`--kv-policy`, TOML `policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    /// LogQuant's log-distributed selection (Algorithm 1), at most 3W tokens.
-    Logquant,
-    /// The newest `recent` tokens (KIVI / HF QuantizedCache baseline).
-    Recent,
-    /// The first `sink` tokens plus the newest `recent` tokens (StreamingLLM-style).
-    SinkRecent,
-    /// Every token quantized once prefill is done.
-    None,
-}
-
-impl PolicyKind {
-    /// The name users write: `logquant`, `recent`, `sink-recent`, `none`.
-    pub fn name(self) -> String {
-        use clap::ValueEnum;
-        self.to_possible_value()
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default()
-    }
-
-    /// Check the parameters this policy reads.
-    pub fn validate(self, config: &LogQuantConfig) -> Result<(), ConfigError> {
-        let positive = |field: &'static str, value: usize| {
-            if value == 0 {
-                Err(ConfigError::Invalid {
-                    field,
-                    value: "0".into(),
-                    allowed: "an integer >= 1".into(),
-                })
-            } else {
-                Ok(())
-            }
-        };
-        match self {
-            Self::Logquant => positive("window", config.window),
-            Self::Recent => positive("recent", config.recent),
-            Self::SinkRecent => {
-                positive("recent", config.recent)?;
-                positive("sink", config.sink)
-            }
-            Self::None => Ok(()),
-        }
-    }
-
-    /// Most tokens the policy keeps in full precision (excluding key-group staging).
-    pub fn full_precision_budget(self, config: &LogQuantConfig) -> usize {
-        match self {
-            Self::Logquant => 3 * config.window,
-            Self::Recent => config.recent,
-            Self::SinkRecent => config.sink + config.recent,
-            Self::None => 1,
-        }
-    }
-
-    /// The policy and its parameters, for logs, tables and `/v1/kv-cache`.
-    pub fn describe(self, config: &LogQuantConfig) -> String {
-        match self {
-            Self::Logquant => format!("logquant W={}", config.window),
-            Self::Recent => format!("recent R={}", config.recent),
-            Self::SinkRecent => format!("sink-recent S={} R={}", config.sink, config.recent),
-            Self::None => "none".to_string(),
-        }
-    }
-}
-
-impl std::str::FromStr for PolicyKind {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        parse_named("policy", s)
-    }
-}
+//! This file holds the rules ([`Policy`], [`Selection::admit`]) and depends on nothing else in
+//! the crate; the user-facing side of a policy (its name [`PolicyKind`](crate::config::PolicyKind),
+//! which is also the flag value, the TOML value, the `--configs` name and the CLI help, its
+//! parameters and their checks, its budget and description, and the mapping to a [`Policy`])
+//! lives in `config.rs`. Adding one is a variant on both sides and the match arms the compiler
+//! then asks for, plus its tests.
 
 /// The rule, with its parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,24 +22,6 @@ pub enum Policy {
     SinkRecent { sink: usize, recent: usize },
     /// Nothing but the token being decoded.
     None,
-}
-
-impl Policy {
-    pub fn from_config(config: &LogQuantConfig) -> Self {
-        match config.policy {
-            PolicyKind::Logquant => Self::LogQuant {
-                window: config.window,
-            },
-            PolicyKind::Recent => Self::Recent {
-                recent: config.recent,
-            },
-            PolicyKind::SinkRecent => Self::SinkRecent {
-                sink: config.sink,
-                recent: config.recent,
-            },
-            PolicyKind::None => Self::None,
-        }
-    }
 }
 
 /// The full-precision positions of one sequence, oldest first.

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 use crate::config::{KeyGrouping, LogQuantConfig};
 use crate::packed::{arange_u32, dequantize_blocks, note_upload, PackedBlock};
-use crate::policy::{Policy, Selection};
+use crate::policy::Selection;
 use crate::quant::{dequantize_rows, Grouping, QuantBlock};
 
 /// Where a store quantizes and dequantizes.
@@ -184,7 +184,7 @@ impl SeqLayerStore {
         Self {
             config,
             path,
-            selection: Selection::new(Policy::from_config(&config)),
+            selection: Selection::new(config.policy_rule()),
             layout: None,
             full: None,
             staged: None,
