@@ -333,11 +333,18 @@ mod tests {
     }
 
     #[test]
-    fn default_is_logquant_with_the_papers_setting() {
-        assert_eq!(
-            parse(&[]).unwrap(),
-            KvCacheChoice::LogQuant(LogQuantConfig::default())
-        );
+    fn the_default_is_logquant_k4v2_rotated_w42_g64() {
+        let KvCacheChoice::LogQuant(config) = parse(&[]).unwrap() else {
+            panic!("the default cache is not LogQuant");
+        };
+        // The shipped default, written out (not replayed from a constructor): 4-bit keys per
+        // channel over 64 tokens, 2-bit values in groups of 64, Hadamard rotation, W = 42.
+        assert_eq!((config.key_bits(), config.value_bits()), (4, 2));
+        assert_eq!((config.key_group_size(), config.group_size), (64, 64));
+        assert_eq!(config.key_grouping, KeyGrouping::PerChannel);
+        assert!(config.rotate);
+        assert_eq!((config.window, config.policy), (42, PolicyKind::Logquant));
+        assert_eq!(config, LogQuantConfig::default());
         assert_eq!(
             parse(&["--kv-cache", "default"]).unwrap(),
             KvCacheChoice::Default
