@@ -330,6 +330,26 @@ async fn an_exposed_server_refuses_what_it_must_and_keeps_serving() {
         }
     }
 
+    // A stream cut by max_tokens inside a multi-byte character still ends with its finish
+    // reason and [DONE] (mistral.rs held the last chunk back with the incomplete bytes and
+    // ended the stream without either: found by the soak). Seeded samples of emoji, each cut
+    // after an emoji's first token on the unfixed build (seeds 0, 3 and 7 at 4, 13 and 11
+    // tokens, 2026-12-07).
+    for (seed, max_tokens) in [(0, 4), (3, 13), (7, 11)] {
+        let body = json!({"model": "default", "stream": true, "temperature": 1.0, "seed": seed,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Reply with emoji only."}]});
+        let (status, text) = post(&server, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{text}");
+        let finished = text
+            .split("\n\n")
+            .any(|e| e.contains("\"finish_reason\":\"length\""));
+        assert!(
+            finished && text.trim_end().ends_with("data: [DONE]"),
+            "seed {seed}: {text}"
+        );
+    }
+
     // The key never reaches the log.
     let stderr = server.stderr.lock().unwrap().join("\n");
     let stdout = server.stdout.lock().unwrap().join("\n");
