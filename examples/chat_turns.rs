@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo build --release && cargo run --release --example chat_turns -- \
-//!     --text ../shared/data/kjv_genesis_exodus.txt --json docs/data/chat-turns.json
+//!     --text ../shared/data/kjv_genesis_exodus.txt --json docs/data/serving/chat-turns.json
 //! ```
 
 use std::io::{BufRead, BufReader};

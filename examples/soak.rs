@@ -9,7 +9,7 @@
 //!
 //! ```sh
 //! cargo build --release && cargo run --release --example soak -- --requests 3000 \
-//!     --json docs/data/soak.json
+//!     --json docs/data/serving/soak.json
 //! ```
 
 use std::io::{BufRead, BufReader};
