@@ -9,14 +9,16 @@
 //!     --text ../shared/data/kjv_genesis_exodus.txt --json docs/data/serving/chat-turns.json
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::{json, Value};
+
+#[path = "support/server.rs"]
+mod server;
+use server::start;
 
 #[derive(Parser)]
 struct Args {
@@ -42,43 +44,6 @@ struct Args {
     max_tokens: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(bin: &std::path::Path, flags: &[&str]) -> Result<Server> {
-    let mut child = Command::new(bin)
-        .args(["serve", "-p", "0"])
-        .args(flags)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("on http://").nth(1) {
-                let _ = tx.send(format!("http://{}", url.trim()));
-            }
-        }
-    });
-    let base = rx
-        .recv_timeout(Duration::from_secs(600))
-        .context("the server did not report its address")?;
-    Ok(Server { child, base })
 }
 
 /// One streamed greedy turn: (reply, seconds to the first content chunk, seconds in all,
@@ -136,7 +101,7 @@ async fn main() -> Result<()> {
     let bin = args
         .bin
         .clone()
-        .unwrap_or_else(|| "target/release/mistralrs-logquant".into());
+        .unwrap_or_else(|| server::DEFAULT_BIN.into());
     if !bin.exists() {
         bail!(
             "{} not found: run `cargo build --release` first",

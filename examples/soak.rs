@@ -12,16 +12,18 @@
 //!     --json docs/data/serving/soak.json
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use futures::StreamExt;
 use serde_json::{json, Value};
+
+#[path = "support/server.rs"]
+mod server;
+use server::Server;
 
 #[derive(Parser)]
 struct Args {
@@ -73,41 +75,10 @@ enum Outcome {
     Error,
 }
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(bin: &std::path::Path, cache: &str, extra: &[String]) -> Result<Server> {
-    let mut child = Command::new(bin)
-        .args(["serve", "-p", "0", "--kv-cache", cache])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("on http://").nth(1) {
-                let _ = tx.send(format!("http://{}", url.trim()));
-            }
-        }
-    });
-    let base = rx
-        .recv_timeout(Duration::from_secs(600))
-        .context("the server did not report its address")?;
-    Ok(Server { child, base })
+    let mut flags = vec!["--kv-cache".to_string(), cache.to_string()];
+    flags.extend_from_slice(extra);
+    server::start(bin, &flags)
 }
 
 /// The server's resident memory in bytes (VmRSS).
@@ -314,7 +285,7 @@ async fn main() -> Result<()> {
     let bin = args
         .bin
         .clone()
-        .unwrap_or_else(|| std::path::PathBuf::from("target/release/mistralrs-logquant"));
+        .unwrap_or_else(|| std::path::PathBuf::from(server::DEFAULT_BIN));
     if !bin.exists() {
         bail!(
             "{} not found: run `cargo build --release` first",

@@ -6,37 +6,17 @@
 mod common;
 #[path = "support/server.rs"]
 mod server_process;
-use server_process::{exited_within, model_with_context, Server, BIN};
+use server_process::{chat_request, exited_within, model_with_context, Server, BIN};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-};
 use either::Either;
 use futures::StreamExt;
 use mistralrs::{Model, TextMessageRole, TextMessages};
 use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
 use mistralrs_logquant::generate::{detokenize, generate_greedy, special_token_ids};
 use mistralrs_logquant::model_source::ModelSource;
-
-fn chat_request(
-    text: &str,
-    max_tokens: u32,
-) -> async_openai::types::chat::CreateChatCompletionRequest {
-    CreateChatCompletionRequestArgs::default()
-        .model("default")
-        .max_completion_tokens(max_tokens)
-        .temperature(0.0)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content(text)
-            .build()
-            .unwrap()
-            .into()])
-        .build()
-        .unwrap()
-}
 
 /// A prompt for the oracle: a user message through the model's chat template (as the server's
 /// chat endpoint applies it), or text (as its completions endpoint tokenizes it).

@@ -15,12 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_openai::config::OpenAIConfig;
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-};
 use async_openai::Client;
 use serde_json::{json, Value};
-use server_process::{exited_within, model_with_context, Server, BIN};
+use server_process::{chat_request, exited_within, model_with_context, Server, BIN};
 
 const KEY: &str = "test-key-7f3a9c";
 
@@ -149,14 +146,14 @@ async fn an_exposed_server_refuses_what_it_must_and_keeps_serving() {
     assert_eq!(get("/v1/models", Some(KEY)).await.0, 200);
     let refused = keyed_client(&server, "wrong")
         .chat()
-        .create(request("Say hello.", 2))
+        .create(chat_request("Say hello.", 2))
         .await;
     assert!(refused.is_err(), "{refused:?}");
     let good = keyed_client(&server, KEY);
     let still_serves = |after: &'static str| {
         let good = good.clone();
         async move {
-            let reply = good.chat().create(request("Say hello.", 2)).await;
+            let reply = good.chat().create(chat_request("Say hello.", 2)).await;
             assert!(reply.is_ok(), "after {after}: {reply:?}");
         }
     };
@@ -355,20 +352,6 @@ async fn an_exposed_server_refuses_what_it_must_and_keeps_serving() {
     let stdout = server.stdout.lock().unwrap().join("\n");
     assert!(!stderr.contains(KEY) && !stdout.contains(KEY));
     assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
-fn request(text: &str, max_tokens: u32) -> async_openai::types::chat::CreateChatCompletionRequest {
-    CreateChatCompletionRequestArgs::default()
-        .model("default")
-        .max_completion_tokens(max_tokens)
-        .temperature(0.0)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content(text)
-            .build()
-            .unwrap()
-            .into()])
-        .build()
-        .unwrap()
 }
 
 /// Admin routes need their flag, and then the key; the flag without a key is refused off

@@ -8,6 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequest,
+    CreateChatCompletionRequestArgs,
+};
 use async_openai::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mistralrs-logquant");
@@ -151,4 +155,19 @@ pub fn model_with_context(n: u32) -> std::path::PathBuf {
         .join(format!("smollm2-135m-context-{n}.gguf"));
     std::fs::write(&path, bytes).unwrap();
     path
+}
+
+/// A greedy one-message chat request for `default`, at most `max_tokens` tokens.
+pub fn chat_request(text: &str, max_tokens: u32) -> CreateChatCompletionRequest {
+    CreateChatCompletionRequestArgs::default()
+        .model("default")
+        .max_completion_tokens(max_tokens)
+        .temperature(0.0)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(text)
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap()
 }
