@@ -8,7 +8,13 @@
 //! - (c) LogQuant with W = 4 (prompts of 48 tokens evict and quantize): 8 bits stays within
 //!   [`KL_8BIT_MAX`] of the default cache, 2 bits gives finite log-probabilities;
 //! - (d) two concurrent requests of different lengths (the scheduler runs the shorter alone until
-//!   it reaches the longer one's length, then batches them) match single default-cache runs.
+//!   it reaches the longer one's length, then batches them) match single default-cache runs;
+//! - (e) the layer census of the LogQuant engine: every full-attention layer held by LogQuant,
+//!   sliding-window layers (Gemma 3) in the rotating cache, recurrent layers (Granite hybrid,
+//!   mistral.rs's hybrid cache) as state.
+//!
+//! Models load through mistral.rs's auto loader, as `-m DIR` does: Gemma 3 through its
+//! multimodal Gemma 3 loader, Granite hybrid through the hybrid cache.
 //!
 //! Every check is measured before any is asserted, so a failure prints the whole row; set
 //! `ARCH_MATRIX_REPORT=FILE` to append each row to FILE. One test per architecture and form.
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use mistralrs_core::MistralRs;
 use mistralrs_logquant::config::{AttentionKernel, LogQuantConfig};
-use mistralrs_logquant::engine::{build_engine, EngineOptions, KvCacheChoice};
+use mistralrs_logquant::engine::{build_engine, cache_layers, EngineOptions, KvCacheChoice};
 use mistralrs_logquant::generate::{
     finished_sequences, generate_greedy, score_teacher_forced, special_token_ids,
     usage_of_next_finished, ScoredStep,
@@ -185,6 +191,10 @@ struct Row {
     kl_2bit: f64,
     pair_passthrough_max_diff: f32,
     pair_8bit_kl: f64,
+    /// The default cache's own pair against its single runs.
+    pair_default_max_diff: f32,
+    /// The LogQuant engine's layers: (held by LogQuant, sliding-window, shared, recurrent).
+    logquant_layers: (usize, usize, usize, usize),
 }
 
 async fn measure(arch: Arch, model: &TinyModel) -> Row {
@@ -208,11 +218,20 @@ async fn measure(arch: Arch, model: &TinyModel) -> Row {
     let default = engine(model, KvCacheChoice::Default).await;
     let default_tokens = greedy(default.clone()).await;
     let reference = score(&default, &prompt, &targets).await;
-    let mut pair_reference = Vec::new();
+    let mut pair_reference: Vec<Vec<ScoredStep>> = Vec::new();
     for (p, t) in &pair {
         pair_reference.push(score(&default, p, t).await);
     }
+    let default_batch = score_pair(&default, &pair).await;
+    row.pair_default_max_diff = (0..2)
+        .map(|i| max_abs_diff(&pair_reference[i], &default_batch[i]))
+        .fold(0.0, f32::max);
     drop(default);
+    // Where mistral.rs's own cache answers differently in a batch (an upstream fault), the
+    // batch oracle is the default cache's own batch: the seam must not change it.
+    if arch.default_cache_batches_wrongly() {
+        pair_reference = default_batch.into();
+    }
     row.distinct_greedy = default_tokens.iter().collect::<HashSet<_>>().len();
 
     let passthrough = engine(model, KvCacheChoice::passthrough()).await;
@@ -237,6 +256,13 @@ async fn measure(arch: Arch, model: &TinyModel) -> Row {
     }
 
     let lq8 = engine(model, logquant(SMALL_WINDOW, 8, AttentionKernel::Fused)).await;
+    let layers = cache_layers(&model.source.model_id()).expect("the load counted its layers");
+    row.logquant_layers = (
+        layers.backend,
+        layers.sliding_window,
+        layers.shared,
+        layers.recurrent,
+    );
     let finished = finished_sequences();
     let steps = score(&lq8, &prompt, &targets).await;
     row.quantized_tokens_8bit = usage_of_next_finished(finished)
@@ -280,6 +306,10 @@ async fn check_architecture(arch: Arch, form: Form) {
         ("(c) tokens were quantized", row.quantized_tokens_8bit > 0),
         ("(c) 2-bit finite", row.finite_2bit),
         (
+            "LogQuant layer census",
+            row.logquant_layers == arch.expected_layers(),
+        ),
+        (
             "(d) pass-through pair",
             row.pair_passthrough_max_diff < BATCH_TOL,
         ),
@@ -289,7 +319,7 @@ async fn check_architecture(arch: Arch, form: Form) {
     let line = format!(
         "{:<11} {:<11} | distinct {:>2} | pass==default {} | W100 fused {:.1e} portable {:.1e} \
          | 8-bit KL {:.2e} maxdiff {:.2e} quantized {:>2} | 2-bit finite {} KL {:.2e} \
-         | pair pass {:.1e} 8-bit KL {:.2e} | {:.1}s | {}",
+         | pair default {:.1e} pass {:.1e} 8-bit KL {:.2e} | layers {:?} | {:.1}s | {}",
         format!("{arch:?}"),
         format!("{form:?}"),
         row.distinct_greedy,
@@ -304,8 +334,10 @@ async fn check_architecture(arch: Arch, form: Form) {
         row.quantized_tokens_8bit,
         row.finite_2bit,
         row.kl_2bit,
+        row.pair_default_max_diff,
         row.pair_passthrough_max_diff,
         row.pair_8bit_kl,
+        row.logquant_layers,
         start.elapsed().as_secs_f64(),
         if failed.is_empty() {
             "PASS".to_string()
@@ -349,6 +381,9 @@ arch_tests! {
     starcoder2_safetensors: Starcoder2, Safetensors;
     mixtral_safetensors: Mixtral, Safetensors;
     qwen3_moe_safetensors: Qwen3Moe, Safetensors;
+    gemma3_safetensors: Gemma3, Safetensors;
+    granite_hybrid_safetensors: GraniteHybrid, Safetensors;
+    gemma4_safetensors: Gemma4, Safetensors;
     llama_gguf: Llama, Gguf;
     qwen2_gguf: Qwen2, Gguf;
     qwen3_gguf: Qwen3, Gguf;
@@ -358,9 +393,6 @@ arch_tests! {
 }
 
 // Not in the matrix:
-// - Gemma 3 (text-only `Gemma3ForCausalLM`): 0.8.1 maps that name only in the multimodal
-//   loaders (`multimodal_loaders.rs`: "Gemma3ForConditionalGeneration" | "Gemma3ForCausalLM");
-//   the plain loader that `build_engine` uses answers "Unknown architecture".
 // - qwen3moe GGUF: loads, but its fused experts run only on CUDA in 0.8.1: the first forward on
 //   the CPU panics in the engine thread (candle-core 0.10.2 `QMatMul::indexed_moe_forward`:
 //   "Not implemented!" for f32 expert tensors, "indexed_moe_forward is not implemented in this
@@ -402,6 +434,40 @@ async fn deepseek2_mla_with_logquant_is_a_clear_error() {
     assert!(
         message.contains("head"),
         "the error should name the head sizes: {message}"
+    );
+}
+
+/// Gemma 4's shared layers (2 and 3) attend over layer 1's KV. With LogQuant holding layer 1,
+/// a decode step must dequantize that cache once (the owner's own append, whose result the
+/// shared layers reuse: core patch 0022), where reading it per shared layer would cost 1 + 2
+/// (or 1 + 2 x 2 with `k()` then `v()`, as 0.8.1 did). Counted by
+/// [`full_cache_reads`](mistralrs_logquant::backend::full_cache_reads) over the extra decode
+/// steps of a longer generation of the same prompt (the prefill's reads cancel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_kv_layers_read_their_owner_once_per_step() {
+    use mistralrs_logquant::backend::full_cache_reads;
+    let _serial = SERIAL.lock().await;
+    let model = TinyModel::write(Arch::Gemma4, Form::Safetensors);
+    let prompt = Rng::new(11).words(PROMPT);
+    let suppressed = special_token_ids(&model.source).expect("special tokens");
+    let lq = engine(&model, logquant(SMALL_WINDOW, 2, AttentionKernel::Portable)).await;
+    let mut reads = Vec::new();
+    for steps in [4, 12] {
+        let before = full_cache_reads();
+        let tokens = timed(
+            "greedy generation",
+            generate_greedy(&lq, prompt.clone(), steps, &suppressed),
+        )
+        .await;
+        assert_eq!(tokens.len(), steps);
+        reads.push(full_cache_reads() - before);
+    }
+    let per_step = (reads[1] - reads[0]) as f64 / 8.0;
+    eprintln!("gemma4 shared KV: {reads:?} full reads for 4 and 12 tokens: {per_step} per step");
+    assert_eq!(
+        per_step, 1.0,
+        "each decode step must read the owner's LogQuant cache exactly once (its own append): \
+         {reads:?}"
     );
 }
 

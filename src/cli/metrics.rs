@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use mistralrs_core::kv_cache_backend::{kv_cache_usage, prefix_cache_stats, KvCacheUsage};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use mistralrs_logquant::engine::KvCacheChoice;
+use mistralrs_logquant::engine::{CacheLayers, KvCacheChoice};
 
 /// Every metric's name starts with this.
 pub const NAMESPACE: &str = "mistralrs_logquant";
@@ -70,8 +70,8 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 impl Metrics {
-    /// The metrics of a server running the `choice` KV cache.
-    pub fn new(choice: &KvCacheChoice) -> Self {
+    /// The metrics of a server running the `choice` KV cache, held in `layers` of the model.
+    pub fn new(choice: &KvCacheChoice, layers: &CacheLayers) -> Self {
         let registry = Registry::new();
         let info = IntGaugeVec::new(
             Opts::new(
@@ -86,6 +86,29 @@ impl Metrics {
             .set(1);
         registry
             .register(Box::new(info))
+            .expect("metric registered once");
+        let layer_kinds = IntGaugeVec::new(
+            Opts::new(
+                "kv_cache_layers",
+                "The model's layers by how their cache is held: `backend` (the chosen cache, \
+                 e.g. LogQuant), `stock_full_attention`, `sliding_window` (mistral.rs's rotating \
+                 cache), `shared` (reads another layer's), `recurrent` (a hybrid model's state).",
+            )
+            .namespace(NAMESPACE),
+            &["kind"],
+        )
+        .expect("valid metric name");
+        for (kind, count) in [
+            ("backend", layers.backend),
+            ("stock_full_attention", layers.stock_full_attention),
+            ("sliding_window", layers.sliding_window),
+            ("shared", layers.shared),
+            ("recurrent", layers.recurrent),
+        ] {
+            layer_kinds.with_label_values(&[kind]).set(count as i64);
+        }
+        registry
+            .register(Box::new(layer_kinds))
             .expect("metric registered once");
         let requests = IntCounterVec::new(
             Opts::new(
@@ -250,7 +273,12 @@ mod tests {
 
     #[test]
     fn figures_and_counters_are_exposed_under_their_names() {
-        let metrics = Metrics::new(&KvCacheChoice::Default);
+        let layers = CacheLayers {
+            sliding_window: 5,
+            stock_full_attention: 1,
+            ..Default::default()
+        };
+        let metrics = Metrics::new(&KvCacheChoice::Default, &layers);
         metrics.count("/v1/chat/completions", 200);
         metrics.count("/v1/chat/completions", 200);
         metrics.count("unmatched", 404);
@@ -284,6 +312,12 @@ mod tests {
         assert_eq!(value(&p("kv_cache_live_default_cache_bytes")), 6000.0);
         assert_eq!(value(&p("kv_cache_peak_live_bytes")), 1500.0);
         assert_eq!(value(&p("kv_cache_finished_sequences_total")), 7.0);
+        assert_eq!(value(&p(r#"kv_cache_layers{kind="sliding_window"}"#)), 5.0);
+        assert_eq!(
+            value(&p(r#"kv_cache_layers{kind="stock_full_attention"}"#)),
+            1.0
+        );
+        assert_eq!(value(&p(r#"kv_cache_layers{kind="recurrent"}"#)), 0.0);
         assert_eq!(
             value(&p(
                 r#"http_requests_total{route="/v1/chat/completions",status="200"}"#

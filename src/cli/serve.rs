@@ -25,7 +25,7 @@ use super::media::{HostFilter, MediaPolicy};
 use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
-use mistralrs_logquant::engine::{build_engine, KvCacheChoice};
+use mistralrs_logquant::engine::{build_engine, cache_layers, CacheLayers, KvCacheChoice};
 use mistralrs_logquant::tensor_parallel::{self, ActiveRank, RankConfig};
 
 #[derive(Args, Debug, Clone)]
@@ -199,7 +199,11 @@ impl ExposureArgs {
 
 /// `GET /v1/kv-cache`: the active cache, its parameters and its usage. Under tensor
 /// parallelism (`rank`) the usage is this rank's share: its `1 / world_size` of the KV heads.
-pub fn kv_cache_report(choice: &KvCacheChoice, rank: Option<&RankConfig>) -> serde_json::Value {
+pub fn kv_cache_report(
+    choice: &KvCacheChoice,
+    layers: &CacheLayers,
+    rank: Option<&RankConfig>,
+) -> serde_json::Value {
     let usage = mistralrs_core::kv_cache_backend::kv_cache_usage();
     let prefix = mistralrs_core::kv_cache_backend::prefix_cache_stats();
     let layer = |u: &mistralrs_core::kv_cache_backend::LayerUsage| {
@@ -225,6 +229,14 @@ pub fn kv_cache_report(choice: &KvCacheChoice, rank: Option<&RankConfig>) -> ser
             _ => serde_json::Value::Null,
         },
         "description": choice.label(),
+        "layers": {
+            "backend": layers.backend,
+            "stock_full_attention": layers.stock_full_attention,
+            "sliding_window": layers.sliding_window,
+            "shared": layers.shared,
+            "recurrent": layers.recurrent,
+            "summary": layers.describe(choice.name()),
+        },
         "live_sequences": usage.live_sequences,
         "live": layer(&usage.live),
         "peak_live_bytes": usage.peak_live_bytes,
@@ -538,8 +550,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     options.prefix_cache_n = (prefix_cache_n > 0).then_some(prefix_cache_n);
     let engine = build_engine(&options).await?;
     let report_choice = Arc::new(cache.clone());
+    let report_layers = Arc::new(cache_layers(&options.model.model_id()).unwrap_or_default());
     let report_rank = Arc::new(rank.as_ref().map(|r| r.config.clone()));
-    let server_metrics = Arc::new(Metrics::new(&cache));
+    let server_metrics = Arc::new(Metrics::new(
+        &cache,
+        &cache_layers(&options.model.model_id()).unwrap_or_default(),
+    ));
     let request_policy = Arc::new(RequestPolicy {
         media: args.exposure.media_policy(local_media_dir, &engine),
         max_messages: args.exposure.max_messages,
@@ -560,7 +576,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             "/v1/kv-cache",
             get(move || {
                 let (choice, rank) = (report_choice.clone(), report_rank.clone());
-                async move { Json(kv_cache_report(&choice, rank.as_ref().as_ref())) }
+                let layers = report_layers.clone();
+                async move { Json(kv_cache_report(&choice, &layers, rank.as_ref().as_ref())) }
             }),
         )
         .route(
@@ -594,10 +611,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let split = rank.as_ref().map_or(String::new(), |r| {
         format!(" (rank 0 of {}, tensor parallel)", r.config.world_size)
     });
+    let layers = cache_layers(&options.model.model_id()).unwrap_or_default();
     println!(
-        "Serving {} with the {} KV cache on http://{local}{split}",
+        "Serving {} with the {} KV cache ({}) on http://{local}{split}",
         options.model.model_id(),
-        cache.label()
+        cache.label(),
+        layers.describe(cache.name())
     );
     let limits = ConnectionLimits {
         header_read_timeout: Duration::from_secs(args.exposure.request_read_timeout),
@@ -649,7 +668,7 @@ mod tests {
             rotate: true,
             ..LogQuantConfig::default()
         });
-        let report = kv_cache_report(&choice, None);
+        let report = kv_cache_report(&choice, &CacheLayers::default(), None);
         let p = &report["parameters"];
         assert_eq!(
             (&p["bits"], &p["key-bits"], &p["value-bits"]),

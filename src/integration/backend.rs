@@ -171,6 +171,9 @@ impl LogQuantCache {
 
     /// The batch as `(b, heads, len, dim)` K and V in `like`'s dtype and device.
     fn materialize_like(&self, like: &Tensor, order: RowOrder) -> Result<Option<(Tensor, Tensor)>> {
+        if !self.rows.is_empty() {
+            FULL_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut ks = Vec::with_capacity(self.rows.len());
         let mut vs = Vec::with_capacity(self.rows.len());
         for row in &self.rows {
@@ -225,6 +228,18 @@ impl LogQuantCache {
             rows,
         }
     }
+}
+
+/// Full reads of LogQuant caches: see [`full_cache_reads`].
+static FULL_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times, since the process started, a whole LogQuant layer cache was dequantized
+/// (materialized) for the engine's attention or a reader: each portable-path attention, each
+/// `append` that returns the cache, each `materialize` (a shared-KV layer reading its owner).
+/// The fused kernels read the packed cache in place and do not count. For tests and
+/// diagnostics: the count is process-wide.
+pub fn full_cache_reads() -> u64 {
+    FULL_READS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl KvCacheBackend for LogQuantCache {

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use mistralrs_core::kv_cache_backend::{
-    register_kv_cache_backend, registered_kv_cache_backends, select_kv_cache_backend,
+    kv_cache_layer_census, register_kv_cache_backend, registered_kv_cache_backends,
+    select_kv_cache_backend,
 };
 use mistralrs_core::{AutoDeviceMapParams, MistralRs, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::{MistralRsForServerBuilder, ModelConfig};
@@ -225,6 +226,9 @@ pub struct EngineOptions {
     pub cpu: bool,
     /// How a GGUF model's quantized weights run (no effect on safetensors models).
     pub weights: Weights,
+    /// In-situ quantization of a safetensors model's weights at load, as mistral.rs's `--isq`
+    /// spells it (`q4k`, `q8_0`, `hqq4`, `afq4`, `fp8`, `4`, `8`, ...); `None` keeps them.
+    pub isq: Option<String>,
     /// Most sequences scheduled at once.
     pub max_seqs: usize,
     /// Sequences kept for prefix-cache reuse; `None` turns the prefix cache off.
@@ -245,6 +249,7 @@ impl EngineOptions {
             dtype: Dtype::default_for(cpu),
             cpu,
             weights: Weights::Auto,
+            isq: None,
             max_seqs: 16,
             prefix_cache_n: None,
             seed: None,
@@ -285,6 +290,122 @@ impl EngineOptions {
     }
 }
 
+impl EngineOptions {
+    /// `isq` checked before the load: a known value (mistral.rs's own parser) for a
+    /// safetensors model. A GGUF file is already quantized (`--weights` chooses how it runs).
+    pub fn checked_isq(&self) -> Result<Option<String>> {
+        let Some(isq) = &self.isq else {
+            return Ok(None);
+        };
+        if matches!(self.model, ModelSource::Gguf(_)) {
+            bail!(
+                "--isq {isq}: in-situ quantization applies to safetensors models; a GGUF file is \
+                 already quantized (--weights chooses how its weights run)"
+            );
+        }
+        check_isq_value(isq)?;
+        Ok(Some(isq.clone()))
+    }
+}
+
+/// `--isq VALUE` checked by mistral.rs's own parser (`pipeline/isq.rs`), one line if unknown.
+pub fn check_isq_value(isq: &str) -> Result<()> {
+    mistralrs_core::parse_isq_value(isq, None)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("invalid value `{isq}` for --isq: {}", first_line(&e)))
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+/// How a loaded model's cache layers are held: counted by the patched mistral.rs as the
+/// model builds its caches (`kv_cache_layer_census`), so a server can say where LogQuant is
+/// and is not, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheLayers {
+    /// Full-attention layers held by the selected backend (LogQuant, pass-through).
+    pub backend: usize,
+    /// Full-attention layers in mistral.rs's own cache (the default cache was chosen).
+    pub stock_full_attention: usize,
+    /// Sliding-window layers: mistral.rs's rotating cache, which keeps only the window.
+    pub sliding_window: usize,
+    /// Layers that attend over another layer's cache (Gemma 3n, Gemma 4) and hold none.
+    pub shared: usize,
+    /// Recurrent layers of a hybrid model (linear attention, Mamba): a fixed-size state.
+    pub recurrent: usize,
+}
+
+impl CacheLayers {
+    fn from_census(c: mistralrs_core::kv_cache_backend::CacheLayerCensus) -> Self {
+        Self {
+            backend: c.backend,
+            stock_full_attention: c.stock_full_attention,
+            sliding_window: c.sliding_window,
+            shared: c.shared,
+            recurrent: c.recurrent,
+        }
+    }
+
+    /// Layers counted in every kind.
+    pub fn total(&self) -> usize {
+        self.backend
+            + self.stock_full_attention
+            + self.sliding_window
+            + self.shared
+            + self.recurrent
+    }
+
+    /// One phrase: where `cache` (the chosen cache's name) is and where it is not, and why.
+    pub fn describe(&self, cache: &str) -> String {
+        let mut others = Vec::new();
+        if self.stock_full_attention > 0 && self.backend > 0 {
+            others.push(format!(
+                "{} in mistral.rs's own cache",
+                self.stock_full_attention
+            ));
+        }
+        if self.sliding_window > 0 {
+            others.push(format!(
+                "{} sliding-window layers keep mistral.rs's rotating cache",
+                self.sliding_window
+            ));
+        }
+        if self.shared > 0 {
+            others.push(format!("{} layers read another layer's cache", self.shared));
+        }
+        if self.recurrent > 0 {
+            others.push(format!("{} recurrent layers hold a state", self.recurrent));
+        }
+        let held = if self.backend > 0 {
+            self.backend
+        } else {
+            self.stock_full_attention
+        };
+        let mut text = format!("{cache} in {held} of {} layers", self.total());
+        if !others.is_empty() {
+            text.push_str(": ");
+            text.push_str(&others.join(", "));
+        }
+        text
+    }
+}
+
+/// The cache layers of each model loaded by this process, by model name.
+static CACHE_LAYERS: std::sync::Mutex<Vec<(String, CacheLayers)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How model `name`'s cache layers are held (the last load of that name), if it was loaded.
+pub fn cache_layers(name: &str) -> Option<CacheLayers> {
+    CACHE_LAYERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .rev()
+        .find(|(n, _)| n == name)
+        .map(|(_, layers)| *layers)
+}
+
 /// Serializes "select backend, load model": the selection is process-wide and read while the
 /// model's caches are built.
 static LOAD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -307,10 +428,11 @@ fn model_selected(source: &ModelSource, dtype: ModelDType) -> Result<ModelSelect
             max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
             max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
         },
-        ModelSource::Safetensors(dir) => ModelSelected::Plain {
+        // mistral.rs's auto loader: reads config.json's architecture and picks the text,
+        // multimodal or hybrid loader, as `mistralrs run -m` does.
+        ModelSource::Safetensors(dir) | ModelSource::Hub { dir, .. } => ModelSelected::Run {
             model_id: path_str(dir)?,
             tokenizer_json: None,
-            arch: None,
             dtype,
             topology: None,
             organization: None,
@@ -318,8 +440,11 @@ fn model_selected(source: &ModelSource, dtype: ModelDType) -> Result<ModelSelect
             from_uqff: None,
             imatrix: None,
             calibration_file: None,
+            max_edge: None,
             max_seq_len: AutoDeviceMapParams::DEFAULT_MAX_SEQ_LEN,
             max_batch_size: AutoDeviceMapParams::DEFAULT_MAX_BATCH_SIZE,
+            max_num_images: None,
+            max_image_length: None,
             hf_cache_path: None,
             matformer_config_path: None,
             matformer_slice_name: None,
@@ -338,6 +463,7 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         check_tensor_parallel_model(&options.model, rank.config.world_size)?;
     }
     let weights = options.effective_weights()?;
+    let isq = options.checked_isq()?;
     let _guard = LOAD_LOCK.lock().await;
     let backend = match &options.kv_cache {
         KvCacheChoice::Default => None,
@@ -357,6 +483,7 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     let selected = model_selected(&options.model, options.dtype.to_model_dtype())?;
     let mut builder = MistralRsForServerBuilder::new()
         .with_model_config(ModelConfig::new(name.clone(), selected).with_alias(name))
+        .with_in_situ_quant_optional(isq)
         .with_token_source(TokenSource::None)
         .with_max_seqs(options.max_seqs)
         .with_cpu(options.cpu)
@@ -385,16 +512,44 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
         log_weights(path, weights);
     }
     let built = load_with_weights(builder, weights).await;
+    // Read before the selection below resets the count.
+    let layers = CacheLayers::from_census(kv_cache_layer_census());
     // Leave the process-wide selection as it was found: stock.
     let _ = select_kv_cache_backend(None);
-    built.with_context(|| format!("cannot load model {}", options.model.model_id()))
+    let engine =
+        built.with_context(|| format!("cannot load model {}", options.model.model_id()))?;
+    if backend.is_some() && layers.backend == 0 {
+        // Never silently inert: a model whose caches bypass the seam runs the default cache.
+        bail!(
+            "--kv-cache {}: model {} holds no layer in it ({}); its attention caches are not \
+             built through mistral.rs's cache constructors (LLaVA's full cache, for one): use \
+             --kv-cache default",
+            options.kv_cache.name(),
+            options.model.model_id(),
+            if layers.total() == 0 {
+                "no layer was counted".to_string()
+            } else {
+                layers.describe("the backend")
+            }
+        );
+    }
+    tracing::info!(
+        "KV cache of {}: {}",
+        options.model.model_id(),
+        layers.describe(options.kv_cache.name())
+    );
+    CACHE_LAYERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((options.model.model_id(), layers));
+    Ok(engine)
 }
 
 /// mistral.rs 0.8.1 splits safetensors models only, and only heads that divide evenly: say so
 /// before the load instead of a per-request shape error (or every rank running the whole
 /// GGUF model).
 fn check_tensor_parallel_model(model: &ModelSource, world_size: usize) -> Result<()> {
-    let ModelSource::Safetensors(dir) = model else {
+    let Some(dir) = model.safetensors_dir() else {
         bail!(
             "tensor parallelism splits safetensors models only (mistral.rs 0.8.1 has no split \
              for GGUF): give --model a safetensors model directory"

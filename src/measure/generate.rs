@@ -429,7 +429,7 @@ pub fn special_token_ids(source: &ModelSource) -> Result<Vec<u32>> {
             }
             Ok(ids)
         }
-        ModelSource::Safetensors(dir) => {
+        ModelSource::Safetensors(dir) | ModelSource::Hub { dir, .. } => {
             let path = dir.join("tokenizer.json");
             let json: serde_json::Value = serde_json::from_reader(
                 File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,

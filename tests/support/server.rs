@@ -40,9 +40,18 @@ impl Server {
 
     /// Started with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_with_env_removed(args, env, &[])
+    }
+
+    /// Started with extra environment variables and without the `removed` ones.
+    pub fn start_with_env_removed(args: &[&str], env: &[(&str, &str)], removed: &[&str]) -> Server {
         // The test helper fetches the default model first, so the server never downloads.
         let _ = super::common::model();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        for var in removed {
+            command.env_remove(var);
+        }
+        let mut child = command
             .arg("serve")
             .args(["-p", "0"])
             .args(args)

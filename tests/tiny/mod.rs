@@ -44,7 +44,36 @@ pub enum Arch {
     Qwen3Moe,
     /// Multi-head latent attention: K head size 48 (32 no-RoPE + 16 RoPE), V head size 32.
     DeepseekV2,
+    /// Text-only Gemma 3 (`Gemma3ForCausalLM`, loaded by 0.8.1's multimodal Gemma 3 loader):
+    /// layer 0 slides over a window of [`GEMMA3_WINDOW`] tokens, layer 1 attends globally.
+    Gemma3,
+    /// Granite 4 hybrid (`GraniteMoeHybridForCausalLM`, dense): layer 0 is Mamba 2 (a recurrent
+    /// state), layer 1 attention, in mistral.rs's hybrid cache.
+    GraniteHybrid,
+    /// Gemma 4 (`Gemma4ForConditionalGeneration`, a vision tower of no layers, text only):
+    /// 4 layers, sliding / full / shared / shared, both shared layers reading layer 1's KV.
+    Gemma4,
+    /// Gemma 3 with vision (`Gemma3ForConditionalGeneration`): the [`Arch::Gemma3`] text model
+    /// under a one-layer SigLIP tower of 32 x 32 images in 8 x 8 patches, pooled to
+    /// [`GEMMA3_IMAGE_TOKENS`] tokens per image.
+    Gemma3Vision,
 }
+
+/// Image tokens per image of [`Arch::Gemma3Vision`] (and its processor's `image_seq_length`).
+pub const GEMMA3_IMAGE_TOKENS: usize = 4;
+/// [`Arch::Gemma3Vision`]'s image side in pixels.
+pub const GEMMA3_IMAGE_SIZE: usize = 32;
+/// Gemma 3's image markers, in the vision model's vocabulary (ids 253, 254, 255).
+const GEMMA3_IMAGE_MARKERS: [&str; 3] =
+    ["<start_of_image>", "<end_of_image>", "<image_soft_token>"];
+const GEMMA4_LAYERS: usize = 4;
+
+/// Gemma 3's sliding window here: shorter than the prompts, so the sliding layer slides.
+pub const GEMMA3_WINDOW: usize = 16;
+/// Granite hybrid's Mamba 2 layer: heads, state size, groups; its inner width is 2 x hidden.
+const MAMBA_HEADS: usize = 4;
+const MAMBA_STATE: usize = 16;
+const MAMBA_CONV: usize = 4;
 
 /// Seeded, platform-independent random weights and prompts (ChaCha8: the same stream for a seed
 /// on every platform and rand_chacha version; candle's CPU `randn` has no seed).
@@ -143,6 +172,10 @@ impl Arch {
             Self::Mixtral => "MixtralForCausalLM",
             Self::Qwen3Moe => "Qwen3MoeForCausalLM",
             Self::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::GraniteHybrid => "GraniteMoeHybridForCausalLM",
+            Self::Gemma4 => "Gemma4ForConditionalGeneration",
+            Self::Gemma3Vision => "Gemma3ForConditionalGeneration",
         }
     }
 
@@ -178,7 +211,43 @@ impl Arch {
     }
 
     fn tied(self) -> bool {
-        matches!(self, Self::Gemma | Self::Gemma2 | Self::Starcoder2)
+        matches!(
+            self,
+            Self::Gemma
+                | Self::Gemma2
+                | Self::Gemma3
+                | Self::Gemma3Vision
+                | Self::Gemma4
+                | Self::Starcoder2
+        )
+    }
+
+    /// Gemma's family: RMSNorm scales by (1 + weight), embeddings by sqrt(hidden).
+    fn gemma_like(self) -> bool {
+        matches!(
+            self,
+            Self::Gemma | Self::Gemma2 | Self::Gemma3 | Self::Gemma3Vision
+        )
+    }
+
+    /// mistral.rs 0.8.1's own cache gives other log-probabilities to a request decoded in a
+    /// batch than alone (measured in the architecture matrix: up to 2.8 nats on Gemma 3 and 2.1
+    /// on Gemma 4, whose sliding layers' rotating caches are batched, 13 on Granite hybrid,
+    /// whose recurrent state is); not a fault of the seam, which the matrix checks against the
+    /// default cache's batch.
+    pub fn default_cache_batches_wrongly(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Gemma4 | Self::GraniteHybrid)
+    }
+
+    /// How the LogQuant engine must hold this model's layers, by the census the patched core
+    /// takes: (backend-held full attention, sliding-window, shared, recurrent).
+    pub fn expected_layers(self) -> (usize, usize, usize, usize) {
+        match self {
+            Self::Gemma3 | Self::Gemma3Vision => (1, 1, 0, 0),
+            Self::GraniteHybrid => (1, 0, 0, 1),
+            Self::Gemma4 => (1, 1, 2, 0),
+            _ => (LAYERS, 0, 0, 0),
+        }
     }
 
     /// Standard deviation of the embedding table.
@@ -193,7 +262,9 @@ impl Arch {
     /// Gain of the layers that write into the residual stream (o_proj, down_proj).
     fn out_gain(self) -> f32 {
         match self {
-            Self::Gemma | Self::Gemma2 => GEMMA_OUT_GAIN,
+            Self::Gemma | Self::Gemma2 | Self::Gemma3 | Self::Gemma3Vision | Self::Gemma4 => {
+                GEMMA_OUT_GAIN
+            }
             _ if self.tied() => TIED_OUT_GAIN,
             _ => 1.0,
         }
@@ -205,6 +276,11 @@ impl Arch {
 
     /// config.json in the HF form the 0.8.1 loader deserializes.
     fn hf_config(self) -> Value {
+        match self {
+            Self::Gemma4 => return gemma4_config(),
+            Self::Gemma3Vision => return gemma3_vision_config(Self::Gemma3.hf_config()),
+            _ => {}
+        }
         let mut c = json!({
             "architectures": [self.hf_name()],
             "vocab_size": VOCAB,
@@ -225,6 +301,7 @@ impl Arch {
         });
         let extra = match self {
             Self::Llama | Self::Mistral | Self::Qwen2 => json!({}),
+            Self::Gemma4 | Self::Gemma3Vision => unreachable!("built above"),
             Self::Qwen3 => json!({
                 "head_dim": HEAD_DIM, "max_window_layers": LAYERS, "use_sliding_window": false,
             }),
@@ -260,6 +337,24 @@ impl Arch {
                 "hidden_act": "gelu_pytorch_tanh", "norm_epsilon": 1e-5, "use_bias": true,
                 "tie_word_embeddings": true,
             }),
+            Self::Gemma3 => json!({
+                "head_dim": HEAD_DIM, "attention_bias": false, "hidden_act": null,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true,
+                "sliding_window": GEMMA3_WINDOW, "sliding_window_pattern": 2,
+                "query_pre_attn_scalar": HEAD_DIM, "rope_local_base_freq": 10000.0,
+                "attn_logit_softcapping": null, "final_logit_softcapping": null,
+                "rope_scaling": null, "model_type": "gemma3_text",
+            }),
+            Self::GraniteHybrid => json!({
+                "layer_types": ["mamba", "attention"], "num_local_experts": 0,
+                "shared_intermediate_size": INTERMEDIATE, "position_embedding_type": "rope",
+                "attention_multiplier": 1.0 / (HEAD_DIM as f64).sqrt(),
+                "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+                "mamba_n_heads": MAMBA_HEADS, "mamba_d_head": 2 * HIDDEN / MAMBA_HEADS,
+                "mamba_n_groups": 1, "mamba_d_state": MAMBA_STATE, "mamba_d_conv": MAMBA_CONV,
+                "mamba_expand": 2, "mamba_chunk_size": 256, "mamba_conv_bias": true,
+                "mamba_proj_bias": false,
+            }),
             Self::DeepseekV2 => json!({
                 "moe_intermediate_size": INTERMEDIATE / 2, "n_shared_experts": null,
                 "n_routed_experts": null, "num_experts_per_tok": null, "rope_scaling": null,
@@ -276,15 +371,17 @@ impl Arch {
 
     /// Every tensor the 0.8.1 safetensors loader of this architecture reads.
     fn hf_weights(self) -> Weights {
+        match self {
+            Self::GraniteHybrid => return granite_hybrid_weights(self.seed()),
+            Self::Gemma4 => return gemma4_weights(self.seed()),
+            Self::Gemma3Vision => return gemma3_vision_weights(Self::Gemma3.hf_weights()),
+            _ => {}
+        }
         let mut w = Weights::new(self.seed());
         let (h, d, i) = (HIDDEN, HEAD_DIM, INTERMEDIATE);
         let (q_out, kv_out) = (HEADS * d, self.kv_heads(false) * d);
         // Gemma's RMSNorm multiplies by (1 + weight).
-        let norm_one = if matches!(self, Self::Gemma | Self::Gemma2) {
-            0.0
-        } else {
-            1.0
-        };
+        let norm_one = if self.gemma_like() { 0.0 } else { 1.0 };
         let layer_norm = |w: &mut Weights, name: &str, with_bias: bool| {
             w.constant(&format!("{name}.weight"), &[h], norm_one);
             if with_bias {
@@ -351,9 +448,9 @@ impl Arch {
                     }
                 }
             }
-            if matches!(self, Self::Qwen3 | Self::Qwen3Moe) {
-                w.constant(&format!("{a}.q_norm.weight"), &[d], 1.0);
-                w.constant(&format!("{a}.k_norm.weight"), &[d], 1.0);
+            if matches!(self, Self::Qwen3 | Self::Qwen3Moe | Self::Gemma3) {
+                w.constant(&format!("{a}.q_norm.weight"), &[d], norm_one);
+                w.constant(&format!("{a}.k_norm.weight"), &[d], norm_one);
             }
             let m = format!("{p}.mlp");
             match self {
@@ -405,10 +502,10 @@ impl Arch {
             }
             layer_norm(&mut w, &format!("{p}.input_layernorm"), biased);
             // Phi-2 runs attention and MLP in parallel from one norm; Gemma 2's is below.
-            if !matches!(self, Self::Phi2 | Self::Gemma2) {
+            if !matches!(self, Self::Phi2 | Self::Gemma2 | Self::Gemma3) {
                 layer_norm(&mut w, &format!("{p}.post_attention_layernorm"), biased);
             }
-            if self == Self::Gemma2 {
+            if matches!(self, Self::Gemma2 | Self::Gemma3) {
                 layer_norm(&mut w, &format!("{p}.pre_feedforward_layernorm"), false);
                 // Gemma 2 normalizes each sublayer's output before adding it: the output gain
                 // goes into these norms, 1 + (gain - 1).
@@ -430,7 +527,7 @@ impl Arch {
             layer_norm(&mut w, "model.norm", biased);
         }
         // Gemma, Gemma 2 and Starcoder2 tie the output layer to the embeddings.
-        if !matches!(self, Self::Gemma | Self::Gemma2 | Self::Starcoder2) {
+        if !self.tied() {
             w.linear("lm_head.weight", VOCAB, h, LM_HEAD_GAIN);
         }
         w
@@ -574,13 +671,39 @@ impl Arch {
                 .expect("write json")
         };
         write_json("config.json", &self.hf_config());
-        write_json("tokenizer.json", &word_level_tokenizer());
+        let vision = self == Self::Gemma3Vision;
+        let mut tokenizer = word_level_tokenizer();
+        let mut template = "{% for m in messages %}{{ m['content'] }} {% endfor %}";
+        if vision {
+            add_image_markers(&mut tokenizer);
+            // Gemma 3's processor expands each `<start_of_image>` the template emits into the
+            // image's soft tokens.
+            template = "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} \
+                {% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}\
+                <start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}\
+                {% endfor %}{% endif %}{% endfor %}";
+            write_json(
+                "preprocessor_config.json",
+                &json!({
+                    "do_resize": true,
+                    "size": {"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE},
+                    "resample": 2, "do_rescale": true, "rescale_factor": 1.0 / 255.0,
+                    "do_normalize": true, "image_mean": [0.5, 0.5, 0.5],
+                    "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": true, "do_pan_and_scan": false,
+                }),
+            );
+            write_json(
+                "processor_config.json",
+                &json!({"image_seq_length": GEMMA3_IMAGE_TOKENS}),
+            );
+        }
+        write_json("tokenizer.json", &tokenizer);
         write_json(
             "tokenizer_config.json",
             &json!({
                 "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "add_bos_token": false, "add_eos_token": false,
-                "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+                "chat_template": template,
             }),
         );
         self.hf_weights()
@@ -645,6 +768,234 @@ impl Arch {
 }
 
 /// `<unk>`, `<s>`, `</s>`, then `w3`, `w4`, ... (a word's id is its number).
+/// The vision form of Gemma 3: `text` (the text form's config) under `text_config`, a tiny
+/// SigLIP tower and the image token ids (`gemma3/config.rs`, `siglip.rs`).
+fn gemma3_vision_config(text: Value) -> Value {
+    let mut text_config = text;
+    text_config["model_type"] = json!("gemma3_text");
+    json!({
+        "architectures": [Arch::Gemma3Vision.hf_name()],
+        "model_type": "gemma3",
+        "boi_token_index": VOCAB - 3,
+        "eoi_token_index": VOCAB - 2,
+        "image_token_index": VOCAB - 1,
+        "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS,
+        "text_config": text_config,
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_channels": 3,
+            "image_size": GEMMA3_IMAGE_SIZE, "patch_size": 8,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        },
+    })
+}
+
+/// The text model's tensors under `language_model.`, then the SigLIP tower's and the
+/// projector's (every bias present: a missing one loads as a placeholder layer that fails at
+/// the first image).
+fn gemma3_vision_weights(text: Weights) -> Weights {
+    let mut w = text;
+    for (name, _, _) in w.tensors.iter_mut() {
+        *name = format!("language_model.{name}");
+    }
+    let (v, i, patch) = (32, 64, 8);
+    let positions = (GEMMA3_IMAGE_SIZE / patch).pow(2);
+    let t = "vision_tower.vision_model";
+    w.normal(
+        &format!("{t}.embeddings.patch_embedding.weight"),
+        &[v, 3, patch, patch],
+        0.1,
+    );
+    w.constant(&format!("{t}.embeddings.patch_embedding.bias"), &[v], 0.0);
+    w.normal(
+        &format!("{t}.embeddings.position_embedding.weight"),
+        &[positions, v],
+        0.1,
+    );
+    let l = format!("{t}.encoder.layers.0");
+    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        w.linear(&format!("{l}.self_attn.{proj}.weight"), v, v, 1.0);
+        w.constant(&format!("{l}.self_attn.{proj}.bias"), &[v], 0.0);
+    }
+    for norm in ["layer_norm1", "layer_norm2"] {
+        w.constant(&format!("{l}.{norm}.weight"), &[v], 1.0);
+        w.constant(&format!("{l}.{norm}.bias"), &[v], 0.0);
+    }
+    w.linear(&format!("{l}.mlp.fc1.weight"), i, v, 1.0);
+    w.constant(&format!("{l}.mlp.fc1.bias"), &[i], 0.0);
+    w.linear(&format!("{l}.mlp.fc2.weight"), v, i, 1.0);
+    w.constant(&format!("{l}.mlp.fc2.bias"), &[v], 0.0);
+    w.constant(&format!("{t}.post_layernorm.weight"), &[v], 1.0);
+    w.constant(&format!("{t}.post_layernorm.bias"), &[v], 0.0);
+    // Used as `x @ W` ([vision hidden, text hidden]), no `.weight` suffix.
+    w.normal(
+        "multi_modal_projector.mm_input_projection_weight",
+        &[v, HIDDEN],
+        0.3 / (v as f32).sqrt(),
+    );
+    w.constant("multi_modal_projector.mm_soft_emb_norm.weight", &[v], 0.0);
+    w
+}
+
+/// Gemma 4 with text settings under `text_config`: layer 0 slides (window [`GEMMA3_WINDOW`]),
+/// layers 1-3 attend globally, the last two share layer 1's KV (`num_kv_shared_layers`), and a
+/// vision tower of no layers (`gemma4/config.rs`).
+fn gemma4_config() -> Value {
+    json!({
+        "architectures": [Arch::Gemma4.hf_name()],
+        "model_type": "gemma4",
+        "text_config": {
+            "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+            "num_hidden_layers": GEMMA4_LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "global_head_dim": HEAD_DIM,
+            "vocab_size": VOCAB, "sliding_window": GEMMA3_WINDOW,
+            "max_position_embeddings": 4096,
+            "layer_types": ["sliding_attention", "full_attention", "full_attention",
+                            "full_attention"],
+            "num_kv_shared_layers": 2, "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": true, "rms_norm_eps": 1e-6,
+        },
+        "vision_config": {
+            "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 0,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8, "patch_size": 2,
+            "position_embedding_size": 4, "default_output_length": 4,
+        },
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    })
+}
+
+/// Every tensor 0.8.1's Gemma 4 loader reads for [`gemma4_config`]. Its RMSNorm scales by the
+/// weight itself (not 1 + weight), and attention has a softmax scale of 1 over normalized q and
+/// k: q_norm and k_norm of 1/sqrt(sqrt(head_dim)) give scores of about unit scale.
+fn gemma4_weights(seed: u64) -> Weights {
+    let mut w = Weights::new(seed);
+    let (h, d, i) = (HIDDEN, HEAD_DIM, INTERMEDIATE);
+    let qk_norm = 1.0 / (d as f32).sqrt().sqrt();
+    let m = "model.language_model";
+    w.normal(
+        &format!("{m}.embed_tokens.weight"),
+        &[VOCAB, h],
+        TIED_EMBED_STD,
+    );
+    for l in 0..GEMMA4_LAYERS {
+        let p = format!("{m}.layers.{l}");
+        let a = format!("{p}.self_attn");
+        // Shared layers load (and discard) their own k and v projections too.
+        w.linear(&format!("{a}.q_proj.weight"), HEADS * d, h, 1.0);
+        w.linear(&format!("{a}.k_proj.weight"), KV_HEADS * d, h, 1.0);
+        w.linear(&format!("{a}.v_proj.weight"), KV_HEADS * d, h, 1.0);
+        w.linear(&format!("{a}.o_proj.weight"), h, HEADS * d, 1.0);
+        w.constant(&format!("{a}.q_norm.weight"), &[d], qk_norm);
+        w.constant(&format!("{a}.k_norm.weight"), &[d], qk_norm);
+        w.linear(&format!("{p}.mlp.gate_proj.weight"), i, h, 1.0);
+        w.linear(&format!("{p}.mlp.up_proj.weight"), i, h, 1.0);
+        w.linear(&format!("{p}.mlp.down_proj.weight"), h, i, 1.0);
+        w.constant(&format!("{p}.input_layernorm.weight"), &[h], 1.0);
+        w.constant(&format!("{p}.pre_feedforward_layernorm.weight"), &[h], 1.0);
+        w.constant(
+            &format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            GEMMA_OUT_GAIN,
+        );
+        w.constant(
+            &format!("{p}.post_feedforward_layernorm.weight"),
+            &[h],
+            GEMMA_OUT_GAIN,
+        );
+    }
+    w.constant(&format!("{m}.norm.weight"), &[h], 1.0);
+    w.normal(
+        "model.vision_tower.patch_embedder.input_proj.weight",
+        &[8, 12],
+        0.1,
+    );
+    w.normal(
+        "model.vision_tower.patch_embedder.position_embedding_table",
+        &[2, 4, 8],
+        0.1,
+    );
+    w.normal(
+        "model.embed_vision.embedding_projection.weight",
+        &[h, 8],
+        0.1,
+    );
+    w
+}
+
+/// Gemma 3's image markers replace the last three words as special added tokens.
+fn add_image_markers(tokenizer: &mut Value) {
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().expect("vocab");
+    for (k, marker) in GEMMA3_IMAGE_MARKERS.iter().enumerate() {
+        let id = VOCAB - 3 + k;
+        vocab.remove(&piece(id, &format!("w{id}")));
+        vocab.insert(marker.to_string(), json!(id));
+    }
+    let added = tokenizer["added_tokens"]
+        .as_array_mut()
+        .expect("added_tokens");
+    for (k, marker) in GEMMA3_IMAGE_MARKERS.iter().enumerate() {
+        added.push(
+            json!({"id": VOCAB - 3 + k, "content": marker, "single_word": false,
+                          "lstrip": false, "rstrip": false, "normalized": false,
+                          "special": true}),
+        );
+    }
+}
+
+/// Every tensor 0.8.1's Granite hybrid loader (`models/granite.rs`) reads for the dense form:
+/// a Mamba 2 layer (0) and an attention layer (1), each with the shared MLP.
+fn granite_hybrid_weights(seed: u64) -> Weights {
+    let mut w = Weights::new(seed);
+    let (h, d) = (HIDDEN, HEAD_DIM);
+    let inner = 2 * h;
+    let conv_dim = inner + 2 * MAMBA_STATE;
+    w.normal("model.embed_tokens.weight", &[VOCAB, h], EMBED_STD);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        if l == 0 {
+            let m = format!("{p}.mamba");
+            // Rows: the gate (inner), x B C (conv_dim), one dt per head.
+            w.linear(
+                &format!("{m}.in_proj.weight"),
+                inner + conv_dim + MAMBA_HEADS,
+                h,
+                1.0,
+            );
+            w.normal(
+                &format!("{m}.conv1d.weight"),
+                &[conv_dim, 1, MAMBA_CONV],
+                0.5,
+            );
+            w.constant(&format!("{m}.conv1d.bias"), &[conv_dim], 0.0);
+            w.constant(&format!("{m}.dt_bias"), &[MAMBA_HEADS], 0.0);
+            w.constant(&format!("{m}.A_log"), &[MAMBA_HEADS], 0.0);
+            w.constant(&format!("{m}.D"), &[MAMBA_HEADS], 1.0);
+            w.constant(&format!("{m}.norm.weight"), &[inner], 1.0);
+            w.linear(&format!("{m}.out_proj.weight"), h, inner, 1.0);
+        } else {
+            let a = format!("{p}.self_attn");
+            w.linear(&format!("{a}.q_proj.weight"), HEADS * d, h, QK_GAIN);
+            w.linear(&format!("{a}.k_proj.weight"), KV_HEADS * d, h, QK_GAIN);
+            w.linear(&format!("{a}.v_proj.weight"), KV_HEADS * d, h, 1.0);
+            w.linear(&format!("{a}.o_proj.weight"), h, HEADS * d, 1.0);
+        }
+        let mlp = format!("{p}.shared_mlp");
+        w.linear(
+            &format!("{mlp}.input_linear.weight"),
+            2 * INTERMEDIATE,
+            h,
+            1.0,
+        );
+        w.linear(&format!("{mlp}.output_linear.weight"), h, INTERMEDIATE, 1.0);
+        w.constant(&format!("{p}.input_layernorm.weight"), &[h], 1.0);
+        w.constant(&format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
+    }
+    w.constant("model.norm.weight", &[h], 1.0);
+    w.linear("lm_head.weight", VOCAB, h, LM_HEAD_GAIN);
+    w
+}
+
 fn vocab_words() -> Vec<String> {
     ["<unk>", "<s>", "</s>"]
         .iter()
