@@ -6,15 +6,21 @@
 //! - (b) LogQuant with nothing evicted (3W above every length here), fused and portable
 //!   kernels, gives the default cache's teacher-forced log-probabilities to [`EXACT_TOL`];
 //! - (c) LogQuant with W = 4 (prompts of 48 tokens evict and quantize): 8 bits stays within
-//!   [`KL_8BIT_MAX`] of the default cache, 2 bits gives finite log-probabilities;
+//!   [`KL_8BIT_MAX`] and [`MAX_DIFF_8BIT`] of the default cache, 2 bits is finite, within
+//!   [`KL_2BIT_MAX`], and loses more than 8 bits;
 //! - (d) two concurrent requests of different lengths (the scheduler runs the shorter alone until
-//!   it reaches the longer one's length, then batches them) match single default-cache runs;
+//!   it reaches the longer one's length, then batches them) match single default-cache runs (or
+//!   the default cache's own batch, where mistral.rs batches wrongly: `Arch::
+//!   default_cache_batches_wrongly`);
 //! - (e) the layer census of the LogQuant engine: every full-attention layer held by LogQuant,
-//!   sliding-window layers (Gemma 3) in the rotating cache, recurrent layers (Granite hybrid,
-//!   mistral.rs's hybrid cache) as state.
+//!   sliding-window layers (Gemma 3, Gemma 4) in the rotating cache, shared-KV layers (Gemma 4)
+//!   reading their owner's, recurrent layers (Granite hybrid, mistral.rs's hybrid cache) as
+//!   state.
 //!
-//! Models load through mistral.rs's auto loader, as `-m DIR` does: Gemma 3 through its
-//! multimodal Gemma 3 loader, Granite hybrid through the hybrid cache.
+//! Models load through mistral.rs's auto loader, as `-m DIR` does: the vision families (Gemma 3
+//! and 4, Mistral 3, Qwen2.5-VL, Llama 4, LLaVA) through their multimodal loaders, with a tiny
+//! vision tower each (text requests here; an image request: `tests/vision_model.rs`), Granite
+//! hybrid through the hybrid cache.
 //!
 //! Every check is measured before any is asserted, so a failure prints the whole row; set
 //! `ARCH_MATRIX_REPORT=FILE` to append each row to FILE. One test per architecture and form.
@@ -46,6 +52,12 @@ const EXACT_TOL_Q8_ACTIVATIONS: f32 = 2e-2;
 /// (c), (d): mean KL(default || LogQuant 8-bit, W = 4) per scored token, in nats. Measured with
 /// the cache in position order: 5e-6 (qwen3) to 6.0e-4 (phi3 GGUF, Q8_0 activations).
 const KL_8BIT_MAX: f64 = 2e-3;
+/// (c): largest |log p - log q| of LogQuant 8-bit, W = 4, over every scored step and token.
+/// Measured: at most 0.19 (gemma2).
+const MAX_DIFF_8BIT: f32 = 0.5;
+/// (c): mean KL(default || LogQuant 2-bit, W = 4), nats. Measured: 0.05 (qwen3) to 1.77 (gemma2,
+/// whose tiny model's logits are the most peaked).
+const KL_2BIT_MAX: f64 = 3.0;
 /// (d): pass-through in a batch against single default-cache runs (batched GEMMs round
 /// differently, nothing else may differ).
 const BATCH_TOL: f32 = 1e-3;
@@ -304,7 +316,14 @@ async fn check_architecture(arch: Arch, form: Form) {
         // (gemma2's required `sliding_window`, quantized phi3's context window) are full
         // attention in the patched core.
         ("(c) tokens were quantized", row.quantized_tokens_8bit > 0),
+        ("(c) 8-bit max |Δ log p|", row.max_diff_8bit < MAX_DIFF_8BIT),
         ("(c) 2-bit finite", row.finite_2bit),
+        ("(c) 2-bit KL", row.kl_2bit < KL_2BIT_MAX),
+        // Coarser codes lose more: 2 bits at or below 8 bits' KL means a width is not applied.
+        (
+            "(c) 2-bit KL above 8-bit KL",
+            row.kl_2bit > 2.0 * row.kl_8bit,
+        ),
         (
             "LogQuant layer census",
             row.logquant_layers == arch.expected_layers(),
@@ -384,6 +403,9 @@ arch_tests! {
     gemma3_safetensors: Gemma3, Safetensors;
     granite_hybrid_safetensors: GraniteHybrid, Safetensors;
     gemma4_safetensors: Gemma4, Safetensors;
+    mistral3_safetensors: Mistral3, Safetensors;
+    qwen25_vl_safetensors: Qwen25Vl, Safetensors;
+    llama4_safetensors: Llama4, Safetensors;
     llama_gguf: Llama, Gguf;
     qwen2_gguf: Qwen2, Gguf;
     qwen3_gguf: Qwen3, Gguf;
@@ -399,8 +421,8 @@ arch_tests! {
 //   platform!" for quantized ones) and the request is never answered.
 
 /// K and V head sizes differ under multi-head latent attention (K 48, V 32 here): LogQuant
-/// stores one head_dim, so it must refuse the model with an error naming the head sizes, never
-/// panic or attend wrongly.
+/// stores one head_dim, so it must refuse the model with one line naming both head sizes and
+/// `--kv-cache default`, never panic or attend wrongly.
 ///
 /// No default-cache oracle here: on the CPU, 0.8.1 cannot run this model with its own cache
 /// either. Its CPU attention returns K's head size (48) instead of V's (32), and the output
@@ -432,9 +454,11 @@ async fn deepseek2_mla_with_logquant_is_a_clear_error() {
     };
     eprintln!("deepseek2 + LogQuant: {message}");
     assert!(
-        message.contains("head"),
-        "the error should name the head sizes: {message}"
+        message.contains("key heads of 48 and value heads of 32")
+            && message.contains("--kv-cache default"),
+        "the error should name both head sizes and the way out: {message}"
     );
+    assert_eq!(message.lines().count(), 1, "{message}");
 }
 
 /// Gemma 4's shared layers (2 and 3) attend over layer 1's KV. With LogQuant holding layer 1,
@@ -469,6 +493,39 @@ async fn shared_kv_layers_read_their_owner_once_per_step() {
         "each decode step must read the owner's LogQuant cache exactly once (its own append): \
          {reads:?}"
     );
+}
+
+/// LLaVA's text model keeps a cache of its own (mistral.rs 0.8.1's `EitherCache::Full`, built
+/// outside the cache constructors): it loads and answers with the default cache, and LogQuant,
+/// which would hold none of its layers, is refused with one line instead of running silently
+/// inert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llava_runs_with_the_default_cache_and_refuses_logquant_in_one_line() {
+    let _serial = SERIAL.lock().await;
+    let model = TinyModel::write(Arch::Llava, Form::Safetensors);
+    let prompt = Rng::new(5).words(PROMPT);
+    let suppressed = special_token_ids(&model.source).expect("special tokens");
+    let default = engine(&model, KvCacheChoice::Default).await;
+    let tokens = timed(
+        "greedy generation",
+        generate_greedy(&default, prompt, GENERATED, &suppressed),
+    )
+    .await;
+    assert_eq!(tokens.len(), GENERATED);
+    drop(default);
+    let options = EngineOptions::new(
+        model.source.clone(),
+        logquant(SMALL_WINDOW, 2, AttentionKernel::Fused),
+    );
+    let message = match build_engine(&options).await {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("LogQuant loaded on LLaVA, whose cache it cannot hold"),
+    };
+    assert!(
+        message.contains("holds no layer") && message.contains("--kv-cache default"),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
 }
 
 /// `--weights`: the GGUF loaders of phi2, phi3 and starcoder2 in mistral.rs 0.8.1 take their

@@ -161,7 +161,7 @@ enum Grouping {
 /// (`H_2n = [[H, H], [H, -H]]`, divided by sqrt(n)), independent of the cache's transform.
 fn rotate(row: &[f32]) -> Vec<f32> {
     let sign = |i: usize, j: usize| {
-        if (i & j).count_ones() % 2 == 0 {
+        if (i & j).count_ones().is_multiple_of(2) {
             1.0
         } else {
             -1.0

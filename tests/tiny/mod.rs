@@ -57,6 +57,18 @@ pub enum Arch {
     /// under a one-layer SigLIP tower of 32 x 32 images in 8 x 8 patches, pooled to
     /// [`GEMMA3_IMAGE_TOKENS`] tokens per image.
     Gemma3Vision,
+    /// Mistral 3 (`Mistral3ForConditionalGeneration`): the [`Arch::Mistral`] text model under a
+    /// one-layer Pixtral tower and patch-merging projector.
+    Mistral3,
+    /// Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): the [`Arch::Qwen2`] text model with
+    /// multimodal RoPE, under a one-block vision tower and merger.
+    Qwen25Vl,
+    /// Llama 4 (`Llama4ForConditionalGeneration`), dense (`moe_layers: []`), its chunked
+    /// attention as long as the context, under a one-layer vision tower.
+    Llama4,
+    /// LLaVA (`LlavaForConditionalGeneration`, llama text, CLIP tower): its text model keeps a
+    /// cache of its own (`EitherCache::Full`), not built through the seam.
+    Llava,
 }
 
 /// Image tokens per image of [`Arch::Gemma3Vision`] (and its processor's `image_seq_length`).
@@ -176,6 +188,10 @@ impl Arch {
             Self::GraniteHybrid => "GraniteMoeHybridForCausalLM",
             Self::Gemma4 => "Gemma4ForConditionalGeneration",
             Self::Gemma3Vision => "Gemma3ForConditionalGeneration",
+            Self::Mistral3 => "Mistral3ForConditionalGeneration",
+            Self::Qwen25Vl => "Qwen2_5_VLForConditionalGeneration",
+            Self::Llama4 => "Llama4ForConditionalGeneration",
+            Self::Llava => "LlavaForConditionalGeneration",
         }
     }
 
@@ -246,6 +262,7 @@ impl Arch {
             Self::Gemma3 | Self::Gemma3Vision => (1, 1, 0, 0),
             Self::GraniteHybrid => (1, 0, 0, 1),
             Self::Gemma4 => (1, 1, 2, 0),
+            Self::Llava => (0, 0, 0, 0),
             _ => (LAYERS, 0, 0, 0),
         }
     }
@@ -279,6 +296,10 @@ impl Arch {
         match self {
             Self::Gemma4 => return gemma4_config(),
             Self::Gemma3Vision => return gemma3_vision_config(Self::Gemma3.hf_config()),
+            Self::Mistral3 => return mistral3_config(Self::Mistral.hf_config()),
+            Self::Qwen25Vl => return qwen25_vl_config(Self::Qwen2.hf_config()),
+            Self::Llama4 => return llama4_config(Self::Llama.hf_config()),
+            Self::Llava => return llava_config(Self::Llama.hf_config()),
             _ => {}
         }
         let mut c = json!({
@@ -301,7 +322,12 @@ impl Arch {
         });
         let extra = match self {
             Self::Llama | Self::Mistral | Self::Qwen2 => json!({}),
-            Self::Gemma4 | Self::Gemma3Vision => unreachable!("built above"),
+            Self::Gemma4
+            | Self::Gemma3Vision
+            | Self::Mistral3
+            | Self::Qwen25Vl
+            | Self::Llama4
+            | Self::Llava => unreachable!("built above"),
             Self::Qwen3 => json!({
                 "head_dim": HEAD_DIM, "max_window_layers": LAYERS, "use_sliding_window": false,
             }),
@@ -375,6 +401,10 @@ impl Arch {
             Self::GraniteHybrid => return granite_hybrid_weights(self.seed()),
             Self::Gemma4 => return gemma4_weights(self.seed()),
             Self::Gemma3Vision => return gemma3_vision_weights(Self::Gemma3.hf_weights()),
+            Self::Mistral3 => return mistral3_weights(Self::Mistral.hf_weights()),
+            Self::Qwen25Vl => return qwen25_vl_weights(Self::Qwen2.hf_weights()),
+            Self::Llama4 => return llama4_weights(Self::Llama.hf_weights()),
+            Self::Llava => return llava_weights(Self::Llama.hf_weights()),
             _ => {}
         }
         let mut w = Weights::new(self.seed());
@@ -697,6 +727,20 @@ impl Arch {
                 &json!({"image_seq_length": GEMMA3_IMAGE_TOKENS}),
             );
         }
+        match self {
+            // Read at load (`Mistral3Processor::new`, `Llama4Processor::new`).
+            Self::Mistral3 => write_json(
+                "processor_config.json",
+                &json!({"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                        "image_end_token": "[IMG_END]", "patch_size": 8,
+                        "spatial_merge_size": 2}),
+            ),
+            Self::Llama4 => write_json(
+                "processor_config.json",
+                &json!({"patch_size": 8, "pixel_shuffle_ratio": 0.5}),
+            ),
+            _ => {}
+        }
         write_json("tokenizer.json", &tokenizer);
         write_json(
             "tokenizer_config.json",
@@ -834,6 +878,231 @@ fn gemma3_vision_weights(text: Weights) -> Weights {
         0.3 / (v as f32).sqrt(),
     );
     w.constant("multi_modal_projector.mm_soft_emb_norm.weight", &[v], 0.0);
+    w
+}
+
+/// Prefix every tensor name.
+fn prefixed(mut w: Weights, prefix: &str) -> Weights {
+    for (name, _, _) in w.tensors.iter_mut() {
+        *name = format!("{prefix}{name}");
+    }
+    w
+}
+
+/// Mistral 3: `text` (the Mistral config) under `text_config`, a tiny Pixtral tower
+/// (`mistral3/config.rs`, `vision.rs`).
+fn mistral3_config(text: Value) -> Value {
+    let mut text_config = text;
+    text_config["model_type"] = json!("mistral");
+    json!({
+        "architectures": [Arch::Mistral3.hf_name()], "model_type": "mistral3",
+        "image_token_index": VOCAB - 1, "multimodal_projector_bias": false,
+        "projector_hidden_act": "gelu", "spatial_merge_size": 2, "vision_feature_layer": -1,
+        "text_config": text_config,
+        "vision_config": {
+            "model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 16,
+            "num_channels": 3, "image_size": 32, "patch_size": 8, "rope_theta": 10000.0,
+            "hidden_act": "silu",
+        },
+    })
+}
+
+fn mistral3_weights(text: Weights) -> Weights {
+    let mut w = prefixed(text, "language_model.");
+    let (v, i) = (32, 64);
+    w.normal("vision_tower.patch_conv.weight", &[v, 3, 8, 8], 0.1);
+    w.constant("vision_tower.ln_pre.weight", &[v], 1.0);
+    let l = "vision_tower.transformer.layers.0";
+    w.constant(&format!("{l}.attention_norm.weight"), &[v], 1.0);
+    w.constant(&format!("{l}.ffn_norm.weight"), &[v], 1.0);
+    for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        w.linear(&format!("{l}.attention.{proj}.weight"), v, v, 1.0);
+    }
+    w.linear(&format!("{l}.feed_forward.gate_proj.weight"), i, v, 1.0);
+    w.linear(&format!("{l}.feed_forward.up_proj.weight"), i, v, 1.0);
+    w.linear(&format!("{l}.feed_forward.down_proj.weight"), v, i, 1.0);
+    w.constant("multi_modal_projector.norm.weight", &[v], 1.0);
+    w.linear("multi_modal_projector.linear_1.weight", HIDDEN, v, 1.0);
+    w.linear("multi_modal_projector.linear_2.weight", HIDDEN, HIDDEN, 1.0);
+    w.linear(
+        "multi_modal_projector.patch_merger.merging_layer.weight",
+        v,
+        4 * v,
+        1.0,
+    );
+    w
+}
+
+/// Qwen2.5-VL: the Qwen2 config (flat) with multimodal RoPE (sections summing to head_dim / 2)
+/// and a one-block vision tower (`qwen2_5_vl/config.rs`).
+fn qwen25_vl_config(text: Value) -> Value {
+    let mut c = text;
+    c["architectures"] = json!([Arch::Qwen25Vl.hf_name()]);
+    c["model_type"] = json!("qwen2_5_vl");
+    c["use_sliding_window"] = json!(false);
+    c["rope_scaling"] = json!({"type": "mrope", "mrope_section": [4, 6, 6]});
+    c["image_token_id"] = json!(VOCAB - 3);
+    c["video_token_id"] = json!(VOCAB - 2);
+    c["vision_start_token_id"] = json!(VOCAB - 5);
+    c["vision_end_token_id"] = json!(VOCAB - 4);
+    c["vision_config"] = json!({
+        "depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+        "out_hidden_size": HIDDEN, "in_chans": 3, "patch_size": 8, "temporal_patch_size": 2,
+        "spatial_merge_size": 2, "window_size": 32, "fullatt_block_indexes": [0],
+        "hidden_act": "silu",
+    });
+    c
+}
+
+fn qwen25_vl_weights(text: Weights) -> Weights {
+    let mut w = text;
+    let (v, i) = (32, 64);
+    w.normal("visual.patch_embed.proj.weight", &[v, 3, 2, 8, 8], 0.1);
+    let b = "visual.blocks.0";
+    w.constant(&format!("{b}.norm1.weight"), &[v], 1.0);
+    w.constant(&format!("{b}.norm2.weight"), &[v], 1.0);
+    w.linear(&format!("{b}.attn.qkv.weight"), 3 * v, v, 1.0);
+    w.constant(&format!("{b}.attn.qkv.bias"), &[3 * v], 0.0);
+    w.linear(&format!("{b}.attn.proj.weight"), v, v, 1.0);
+    w.constant(&format!("{b}.attn.proj.bias"), &[v], 0.0);
+    for (proj, out, inp) in [("gate_proj", i, v), ("up_proj", i, v), ("down_proj", v, i)] {
+        w.linear(&format!("{b}.mlp.{proj}.weight"), out, inp, 1.0);
+        w.constant(&format!("{b}.mlp.{proj}.bias"), &[out], 0.0);
+    }
+    w.constant("visual.merger.ln_q.weight", &[v], 1.0);
+    w.linear("visual.merger.mlp.0.weight", 4 * v, 4 * v, 1.0);
+    w.constant("visual.merger.mlp.0.bias", &[4 * v], 0.0);
+    w.linear("visual.merger.mlp.2.weight", HIDDEN, 4 * v, 1.0);
+    w.constant("visual.merger.mlp.2.bias", &[HIDDEN], 0.0);
+    w
+}
+
+/// Llama 4, dense: the llama config under `text_config` with `moe_layers: []` and a chunked
+/// attention as long as the context (so its mask is the causal one), a one-layer vision tower
+/// (`llama4/config.rs`).
+fn llama4_config(text: Value) -> Value {
+    let mut t = text;
+    for (k, v) in [
+        ("intermediate_size_mlp", json!(INTERMEDIATE)),
+        ("use_qk_norm", json!(false)),
+        ("moe_layers", json!([])),
+        ("interleave_moe_layer_step", json!(1)),
+        ("num_local_experts", json!(1)),
+        ("num_experts_per_tok", json!(1)),
+        ("attention_chunk_size", json!(4096)),
+        ("rope_scaling", Value::Null),
+        ("model_type", json!("llama4_text")),
+    ] {
+        t[k] = v;
+    }
+    json!({
+        "architectures": [Arch::Llama4.hf_name()], "model_type": "llama4",
+        "image_token_index": VOCAB - 4,
+        "text_config": t,
+        "vision_config": {
+            "hidden_size": 32, "hidden_act": "gelu", "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_channels": 3, "intermediate_size": 128,
+            "vision_output_dim": 64, "image_size": 16, "patch_size": 8, "norm_eps": 1e-5,
+            "pixel_shuffle_ratio": 0.5, "projector_input_dim": 64, "projector_output_dim": 64,
+            "vision_feature_layer": -1, "rope_theta": 10000.0,
+        },
+    })
+}
+
+fn llama4_weights(text: Weights) -> Weights {
+    let mut w = prefixed(text, "language_model.");
+    for (name, _, _) in w.tensors.iter_mut() {
+        *name = name.replace(".mlp.", ".feed_forward.");
+    }
+    let v = 32;
+    w.linear("multi_modal_projector.linear_1.weight", HIDDEN, 64, 1.0);
+    let m = "vision_model";
+    w.linear(
+        &format!("{m}.patch_embedding.linear.weight"),
+        v,
+        3 * 8 * 8,
+        1.0,
+    );
+    w.normal(&format!("{m}.class_embedding"), &[v], 0.1);
+    w.normal(&format!("{m}.positional_embedding_vlm"), &[5, v], 0.1);
+    for norm in ["layernorm_pre", "layernorm_post"] {
+        w.constant(&format!("{m}.{norm}.weight"), &[v], 1.0);
+        w.constant(&format!("{m}.{norm}.bias"), &[v], 0.0);
+    }
+    let l = format!("{m}.model.layers.0");
+    for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        w.linear(&format!("{l}.self_attn.{proj}.weight"), v, v, 1.0);
+        w.constant(&format!("{l}.self_attn.{proj}.bias"), &[v], 0.0);
+    }
+    w.linear(&format!("{l}.mlp.fc1.weight"), 128, v, 1.0);
+    w.constant(&format!("{l}.mlp.fc1.bias"), &[128], 0.0);
+    w.linear(&format!("{l}.mlp.fc2.weight"), v, 128, 1.0);
+    w.constant(&format!("{l}.mlp.fc2.bias"), &[v], 0.0);
+    for norm in ["input_layernorm", "post_attention_layernorm"] {
+        w.constant(&format!("{l}.{norm}.weight"), &[v], 1.0);
+        w.constant(&format!("{l}.{norm}.bias"), &[v], 0.0);
+    }
+    w.linear(&format!("{m}.vision_adapter.mlp.fc1.weight"), 64, 128, 1.0);
+    w.linear(&format!("{m}.vision_adapter.mlp.fc2.weight"), 64, 64, 1.0);
+    w
+}
+
+/// LLaVA 1.5: the llama config under `text_config`, a one-layer CLIP tower
+/// (`llava/config.rs`).
+fn llava_config(text: Value) -> Value {
+    let mut t = text;
+    t["model_type"] = json!("llama");
+    t["max_length"] = json!(4096);
+    json!({
+        "architectures": [Arch::Llava.hf_name()], "model_type": "llava",
+        "image_token_index": VOCAB - 1, "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+        "text_config": t,
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 32,
+            "patch_size": 8,
+        },
+    })
+}
+
+fn llava_weights(text: Weights) -> Weights {
+    let mut w = prefixed(text, "language_model.");
+    let (v, i) = (32, 64);
+    let t = "vision_tower.vision_model";
+    w.normal(&format!("{t}.embeddings.class_embedding"), &[v], 0.1);
+    w.normal(
+        &format!("{t}.embeddings.patch_embedding.weight"),
+        &[v, 3, 8, 8],
+        0.1,
+    );
+    w.normal(
+        &format!("{t}.embeddings.position_embedding.weight"),
+        &[17, v],
+        0.1,
+    );
+    for norm in ["pre_layrnorm", "post_layernorm"] {
+        w.constant(&format!("{t}.{norm}.weight"), &[v], 1.0);
+        w.constant(&format!("{t}.{norm}.bias"), &[v], 0.0);
+    }
+    let l = format!("{t}.encoder.layers.0");
+    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+        w.linear(&format!("{l}.self_attn.{proj}.weight"), v, v, 1.0);
+        w.constant(&format!("{l}.self_attn.{proj}.bias"), &[v], 0.0);
+    }
+    for norm in ["layer_norm1", "layer_norm2"] {
+        w.constant(&format!("{l}.{norm}.weight"), &[v], 1.0);
+        w.constant(&format!("{l}.{norm}.bias"), &[v], 0.0);
+    }
+    w.linear(&format!("{l}.mlp.fc1.weight"), i, v, 1.0);
+    w.constant(&format!("{l}.mlp.fc1.bias"), &[i], 0.0);
+    w.linear(&format!("{l}.mlp.fc2.weight"), v, i, 1.0);
+    w.constant(&format!("{l}.mlp.fc2.bias"), &[v], 0.0);
+    w.linear("multi_modal_projector.linear_1.weight", HIDDEN, v, 1.0);
+    w.constant("multi_modal_projector.linear_1.bias", &[HIDDEN], 0.0);
+    w.linear("multi_modal_projector.linear_2.weight", HIDDEN, HIDDEN, 1.0);
+    w.constant("multi_modal_projector.linear_2.bias", &[HIDDEN], 0.0);
     w
 }
 
