@@ -195,6 +195,26 @@ fn unknown_ids_and_revisions_get_one_line() {
         &env,
     );
     assert!(line.contains("--revision applies to hub ids"), "{line}");
+    // An architecture mistral.rs 0.8.1 has no loader for: its own one line.
+    let unknown = tmp.path().join("unknown-architecture");
+    std::fs::create_dir_all(&unknown).unwrap();
+    for file in ["tokenizer.json", "model.safetensors"] {
+        std::fs::copy(checkpoint.join(file), unknown.join(file)).unwrap();
+    }
+    std::fs::write(
+        unknown.join("config.json"),
+        r#"{"architectures": ["FooBarForCausalLM"], "hidden_size": 8}"#,
+    )
+    .unwrap();
+    let line = refusal(
+        &["-m", unknown.to_str().unwrap(), "--kv-cache", "default"],
+        &env,
+    );
+    assert!(
+        line.contains("cannot load model unknown-architecture")
+            && line.contains("`FooBarForCausalLM`"),
+        "{line}"
+    );
     assert_eq!(hub.requests(), before, "refused before reaching the hub");
 
     // The hub unreachable, nothing cached: one line naming the endpoint.
