@@ -99,10 +99,18 @@ async fn chat_both_ways(
     )
 }
 
-/// Both caches, plain and streamed, give the oracle's greedy reply ([`direct_greedy`]).
+/// Both caches, plain and streamed, give the oracle's greedy reply ([`direct_greedy`]), on a
+/// prompt past LogQuant's 3W = 126 full-precision tokens, so that its reply attends to
+/// quantized tokens (the report's `last_finished` must count some).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_client_gets_chat_completions_from_both_caches() {
-    let (prompt, max_tokens) = ("Name three large rivers of Europe.", 24);
+    let text = common::shared_text();
+    let passage: Vec<&str> = text.split_whitespace().skip(500).take(160).collect();
+    let prompt = format!(
+        "{}\n\nName three large rivers of Europe.",
+        passage.join(" ")
+    );
+    let (prompt, max_tokens) = (prompt.as_str(), 24);
     for cache in ["logquant", "default"] {
         let want = direct_greedy(
             common::model(),
@@ -128,6 +136,14 @@ async fn openai_client_gets_chat_completions_from_both_caches() {
         assert!(!models["data"].as_array().unwrap().is_empty(), "{models}");
         let report = server.get_json("/v1/kv-cache").await;
         assert_eq!(report["backend"], cache, "{report}");
+        let quantized = report["last_finished"]["quantized_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        if cache == "logquant" {
+            assert!(quantized > 0, "LogQuant quantized nothing: {report}");
+        } else {
+            assert_eq!(quantized, 0, "{report}");
+        }
         let health = reqwest::get(format!("{}/health", server.base))
             .await
             .unwrap();
@@ -484,6 +500,13 @@ fn run_keeps_to_max_tokens_the_context_and_stdout() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stdout.trim().is_empty(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // The prompt takes at least 60 of the 128 tokens (60 words), so the reply gets at most 68:
+    // at most 68 words, where --max-tokens 1000 alone would allow hundreds.
+    let words = stdout.split_whitespace().count();
+    assert!(
+        words <= 128 - 60,
+        "the reply ran past the 128-token context: {words} words"
+    );
 }
 
 /// Faults 4 to 8 against one server: the context limit, log-probabilities, sampling

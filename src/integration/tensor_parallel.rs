@@ -203,6 +203,7 @@ mod tests {
                 RankConfig::read(&write(dir.path(), json)).unwrap_err()
             );
             assert!(err.contains(expected), "{json}: {err}");
+            assert_eq!(err.lines().count(), 1, "{json}: {err}");
         }
         let missing = format!(
             "{:#}",
@@ -216,6 +217,7 @@ mod tests {
     fn a_plain_build_refuses_a_rank_config_with_one_line() {
         let err = format!("{:#}", install(Path::new("rank.json")).unwrap_err());
         assert!(err.contains("make build-ring"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
         assert!(active().unwrap().is_none());
     }
 }

@@ -84,7 +84,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_key_returns_its_value_and_equal_scores_average() {
+    fn one_key_returns_its_value_whatever_the_query() {
+        let shape = AttnShape {
+            batch: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            queries: 1,
+            cached: 0,
+            dim: 2,
+        };
+        for q in [[1.0, 0.0], [-30.0, 7.5], [0.0, 0.0]] {
+            let out = naive_attention(&q, &[3.0, -1.0], &[5.0, 7.0], shape, 0.5);
+            assert_eq!(out, vec![5.0, 7.0], "query {q:?}");
+        }
+    }
+
+    #[test]
+    fn equal_scores_average_the_values() {
         let shape = AttnShape {
             batch: 1,
             q_heads: 1,
