@@ -143,6 +143,14 @@ async fn hub_id_is_fetched_once_then_loads_offline() {
     let (reply, _) = greedy(&second, REPO).await;
     assert_eq!(reply, expected, "loaded from the hub cache");
     drop(second);
+    // Named by its commit (the cache holds a ref for `main` only): still offline.
+    let by_commit = start(
+        &["-m", REPO, "--revision", COMMIT, "--kv-group-size", "16"],
+        &env,
+    );
+    let (reply, _) = greedy(&by_commit, REPO).await;
+    assert_eq!(reply, expected, "loaded by commit from the hub cache");
+    drop(by_commit);
 
     // --isq quantizes the weights at load (mistral.rs's own log line says so) and answers.
     let mut isq_env = env.clone();
@@ -195,6 +203,12 @@ fn unknown_ids_and_revisions_get_one_line() {
         &env,
     );
     assert!(line.contains("--revision applies to hub ids"), "{line}");
+    let line = refusal(&["-m", REPO, "--revision", ""], &env);
+    assert!(line.contains("--revision is empty"), "{line}");
+    let line = refusal(&["-m", "some-org/tiny/extra"], &env);
+    assert!(line.contains("not a hub id"), "{line}");
+    let line = refusal(&["-m", ""], &env);
+    assert!(line.contains("--model is empty"), "{line}");
     // An architecture mistral.rs 0.8.1 has no loader for: its own one line.
     let unknown = tmp.path().join("unknown-architecture");
     std::fs::create_dir_all(&unknown).unwrap();

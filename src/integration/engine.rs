@@ -136,7 +136,7 @@ impl Dtype {
 /// How a GGUF model's quantized weights run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Weights {
-    /// `q8_0` for a GGUF model of fewer than [`SMALL_MODEL_PARAMETERS`] parameters on the CPU,
+    /// `q8_0` for a GGUF model of fewer than 1B parameters ([`SMALL_MODEL_PARAMETERS`]) on the CPU,
     /// `as-is` otherwise.
     Auto,
     /// On the CPU, tensors of the types candle has no SIMD kernel for (Q4_1, Q5_0, Q5_1) are

@@ -36,6 +36,17 @@ pub fn looks_like_hub_id(name: &str) -> bool {
         && !name.to_ascii_lowercase().ends_with(".gguf")
 }
 
+/// Whether `name`, which is no hub id, was probably meant as one: it has a `/` but does not
+/// start like a path (`/`, `.`, `~`) nor end like a file (`.gguf`, `.safetensors`, `.json`).
+pub fn tries_a_hub_id(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    name.contains('/')
+        && !name.starts_with(['/', '.', '~'])
+        && ![".gguf", ".safetensors", ".json"]
+            .iter()
+            .any(|ext| lower.ends_with(ext))
+}
+
 /// The hub cache directory, as mistral.rs 0.8.1 resolves it (`pipeline/hf.rs`).
 fn hub_cache() -> Cache {
     match std::env::var_os("HF_HUB_CACHE") {
@@ -85,6 +96,27 @@ fn complete_snapshot(repo: &CacheRepo) -> Option<PathBuf> {
     }
 }
 
+/// A revision given as a full commit hash names its snapshot directory directly, whether or not
+/// the cache has a ref for it (the hub's Python client stores a download by commit without one).
+fn commit_snapshot(cache: &Cache, repo: &Repo, revision: &str) -> Option<PathBuf> {
+    if revision.len() != 40 || !revision.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let dir = cache
+        .path()
+        .join(repo.folder_name())
+        .join("snapshots")
+        .join(revision);
+    let has = |file: &str| dir.join(file).is_file();
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        index_shards(&index).ok()?.iter().all(|shard| has(shard))
+    } else {
+        has("model.safetensors")
+    };
+    (has("config.json") && has("tokenizer.json") && weights).then_some(dir)
+}
+
 /// The weight files a `model.safetensors.index.json` names.
 fn index_shards(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index)
@@ -112,7 +144,9 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
 pub fn resolve_hub_model(id: &str, revision: &str) -> Result<PathBuf> {
     let cache = hub_cache();
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string());
-    if let Some(dir) = complete_snapshot(&cache.repo(repo.clone())) {
+    if let Some(dir) = complete_snapshot(&cache.repo(repo.clone()))
+        .or_else(|| commit_snapshot(&cache, &repo, revision))
+    {
         tracing::info!(
             "model {id} ({revision}) found in the hub cache: {}",
             dir.display()
@@ -183,10 +217,20 @@ fn hub_error(error: ApiError, id: &str, revision: &str, endpoint: &str) -> anyho
     if let ApiError::RequestError(request) = &error {
         match request.as_ref() {
             ureq::Error::Status(401 | 403, _) => {
-                return anyhow::anyhow!(
-                    "hub model {id} is gated or private at {endpoint}: set HF_TOKEN to a token \
-                     that may read it"
-                )
+                let token_set = ["HF_TOKEN", "HF_HUB_TOKEN"]
+                    .iter()
+                    .any(|v| std::env::var(v).is_ok_and(|t| !t.trim().is_empty()));
+                return if token_set {
+                    anyhow::anyhow!(
+                        "hub model {id} at {endpoint} refused the token in HF_TOKEN/HF_HUB_TOKEN \
+                         (gated or private: the token's account needs access)"
+                    )
+                } else {
+                    anyhow::anyhow!(
+                        "hub model {id} is gated or private at {endpoint}: set HF_TOKEN to a \
+                         token that may read it"
+                    )
+                };
             }
             ureq::Error::Status(404, _) => {
                 return anyhow::anyhow!(
@@ -198,11 +242,16 @@ fn hub_error(error: ApiError, id: &str, revision: &str, endpoint: &str) -> anyho
                 return anyhow::anyhow!("the hub at {endpoint} answered {code} for {id}")
             }
             ureq::Error::Transport(transport) => {
+                let hint = if std::env::var_os("HF_ENDPOINT").is_some() {
+                    "check HF_ENDPOINT"
+                } else {
+                    "set HF_ENDPOINT for a mirror"
+                };
                 return anyhow::anyhow!(
-                    "cannot reach the hub at {endpoint} for {id}: {} (set HF_ENDPOINT for a \
-                     mirror; a model already in the hub cache loads offline)",
-                    transport.kind()
-                )
+                    "cannot reach the hub at {endpoint} for {id} ({}; {hint}; a model already in \
+                     the hub cache loads offline)",
+                    transport.kind().to_string().to_lowercase()
+                );
             }
         }
     }
@@ -231,6 +280,25 @@ mod tests {
             "~/models/x",
         ] {
             assert!(!looks_like_hub_id(not_id), "{not_id}");
+        }
+    }
+
+    #[test]
+    fn a_mistyped_hub_id_is_told_from_a_path() {
+        for meant_as_id in ["org/name/extra", "org/", "/name", "org//name"] {
+            assert!(!looks_like_hub_id(meant_as_id), "{meant_as_id}");
+        }
+        for id_like in ["org/name/extra", "org/", "org//name"] {
+            assert!(tries_a_hub_id(id_like), "{id_like}");
+        }
+        for path in [
+            "/abs/model",
+            "./dir/model",
+            "~/m/x",
+            "dir/model.gguf",
+            "a/b.json",
+        ] {
+            assert!(!tries_a_hub_id(path), "{path}");
         }
     }
 

@@ -58,12 +58,11 @@ impl ModelSource {
     /// hub id (`org/name`), fetched at `revision` unless complete in the hub cache. A name that
     /// is neither gets one line saying so.
     pub fn resolve(name: &str, revision: Option<&str>) -> Result<Self> {
-        let path = Path::new(name);
-        if path.exists() || !crate::hub::looks_like_hub_id(name) {
+        if Self::names_a_local_model(name) {
             if revision.is_some() {
                 bail!("--revision applies to hub ids, not to a local model ({name})");
             }
-            return Self::from_path(path);
+            return Self::local(name);
         }
         let revision = revision.unwrap_or(crate::hub::DEFAULT_REVISION);
         let dir = crate::hub::resolve_hub_model(name, revision)?;
@@ -73,6 +72,28 @@ impl ModelSource {
             revision: revision.to_string(),
             dir,
         })
+    }
+
+    /// Whether `--model NAME` is read as a local path: an existing path, or anything that is
+    /// not a hub id. An existing path wins over a hub id of the same name.
+    pub fn names_a_local_model(name: &str) -> bool {
+        Path::new(name).exists() || !crate::hub::looks_like_hub_id(name)
+    }
+
+    /// A local model named by `--model NAME` ([`Self::names_a_local_model`]), with one line
+    /// for an empty name, a mistyped hub id and anything [`Self::from_path`] refuses.
+    pub fn local(name: &str) -> Result<Self> {
+        if name.trim().is_empty() {
+            bail!("--model is empty (give a GGUF file, a safetensors directory or a hub id)");
+        }
+        let path = Path::new(name);
+        if !path.exists() && crate::hub::tries_a_hub_id(name) {
+            bail!(
+                "--model {name}: no such file or directory, and not a hub id (a hub id is \
+                 org/name: letters, digits, '-', '_', '.')"
+            );
+        }
+        Self::from_path(path)
     }
 
     /// The safetensors directory of a local or hub model; `None` for a GGUF file.
