@@ -44,5 +44,7 @@ pub mod measure;
 // Every module by its own name too (`mistralrs_logquant::engine`, `crate::config`): the layers
 // are folders, the paths stay short.
 pub use cache::{config, packed, policy, quant, store};
-pub use integration::{backend, engine, hub, model_source, passthrough, tensor_parallel};
+pub use integration::{
+    admission, backend, engine, hub, model_source, passthrough, tensor_parallel,
+};
 pub use measure::{bench, eval, generate, provenance, retrieval};

@@ -12,7 +12,9 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use mistralrs_core::kv_cache_backend::{kv_cache_usage, prefix_cache_stats, KvCacheUsage};
+use mistralrs_core::kv_cache_backend::{
+    kv_admission_stats, kv_cache_usage, prefix_cache_stats, KvCacheUsage,
+};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use mistralrs_logquant::engine::{CacheLayers, KvCacheChoice};
@@ -39,6 +41,10 @@ pub struct Metrics {
     prefix_cache_bytes: IntGauge,
     prefix_cache_hits: IntCounter,
     prefix_cache_reused_tokens: IntCounter,
+    kv_memory_budget_bytes: IntGauge,
+    kv_memory_reserved_bytes: IntGauge,
+    kv_memory_waiting_requests: IntGauge,
+    kv_memory_admitted: IntCounter,
     /// Serializes scrapes: the finished-sequence counter is advanced to the book's count.
     scrape: Mutex<()>,
 }
@@ -190,6 +196,26 @@ impl Metrics {
                 "prefix_cache_reused_tokens_total",
                 "Prompt tokens served from the prefix cache instead of prefilled.",
             ),
+            kv_memory_budget_bytes: gauge(
+                &registry,
+                "kv_memory_budget_bytes",
+                "--kv-memory: KV bytes the started requests may project in all (0: no budget).",
+            ),
+            kv_memory_reserved_bytes: gauge(
+                &registry,
+                "kv_memory_reserved_bytes",
+                "KV bytes projected by the requests started now (prompt plus max_tokens).",
+            ),
+            kv_memory_waiting_requests: gauge(
+                &registry,
+                "kv_memory_waiting_requests",
+                "Requests waiting for KV memory to start.",
+            ),
+            kv_memory_admitted: counter(
+                &registry,
+                "kv_memory_admitted_total",
+                "Requests started under the KV-memory budget.",
+            ),
             registry,
             requests,
             finished_sequences,
@@ -226,6 +252,17 @@ impl Metrics {
         gauge(&self.prefix_cache_bytes, prefix.bytes);
         advance(&self.prefix_cache_hits, prefix.hits);
         advance(&self.prefix_cache_reused_tokens, prefix.reused_tokens);
+        let admission = kv_admission_stats();
+        gauge(
+            &self.kv_memory_budget_bytes,
+            admission.budget_bytes.unwrap_or(0),
+        );
+        gauge(&self.kv_memory_reserved_bytes, admission.reserved_bytes);
+        gauge(
+            &self.kv_memory_waiting_requests,
+            admission.waiting_for_memory,
+        );
+        advance(&self.kv_memory_admitted, admission.admitted);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))

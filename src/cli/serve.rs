@@ -25,6 +25,7 @@ use super::media::{HostFilter, MediaPolicy};
 use super::metrics::{self, Metrics};
 use super::openai::{self, ApiError, Endpoint};
 use super::{CacheArgs, ModelArgs};
+use mistralrs_logquant::admission::install_kv_memory_budget;
 use mistralrs_logquant::engine::{build_engine, cache_layers, CacheLayers, KvCacheChoice};
 use mistralrs_logquant::tensor_parallel::{self, ActiveRank, RankConfig};
 
@@ -49,6 +50,12 @@ pub struct ServeArgs {
     /// Most KV bytes the prefix cache keeps, on any device (oldest entries go first).
     #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_bytes)]
     pub prefix_cache_bytes: u64,
+    /// Admit requests by KV memory: a request starts only while the KV bytes projected for
+    /// every started request (prompt plus max_tokens, or the context without it; compressed
+    /// bytes for LogQuant) fit SIZE; the others wait in arrival order, none is dropped. A
+    /// request larger than SIZE runs alone. [default: no budget, --max-seqs alone]
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub kv_memory: Option<u64>,
     /// Tensor parallelism across processes (a `ring` build, `make build-ring`): this rank's
     /// JSON config (`master_ip`, `master_port`, `port`, `right_ip`, `right_port`, `rank`,
     /// `world_size`; mistral.rs's `RING_CONFIG`, which is read when this flag is absent).
@@ -206,6 +213,7 @@ pub fn kv_cache_report(
 ) -> serde_json::Value {
     let usage = mistralrs_core::kv_cache_backend::kv_cache_usage();
     let prefix = mistralrs_core::kv_cache_backend::prefix_cache_stats();
+    let admission = mistralrs_core::kv_cache_backend::kv_admission_stats();
     let layer = |u: &mistralrs_core::kv_cache_backend::LayerUsage| {
         json!({
             "tokens": u.tokens,
@@ -243,6 +251,14 @@ pub fn kv_cache_report(
         "finished_sequences": usage.finished_sequences,
         "last_finished": usage.last_finished.as_ref().map(layer),
         "finished_total": layer(&usage.finished_total),
+        "admission": {
+            "budget_bytes": admission.budget_bytes,
+            "reserved_bytes": admission.reserved_bytes,
+            "peak_reserved_bytes": admission.peak_reserved_bytes,
+            "waiting_for_memory": admission.waiting_for_memory,
+            "peak_waiting_for_memory": admission.peak_waiting_for_memory,
+            "admitted": admission.admitted,
+        },
         "prefix_cache": {
             "entries": prefix.entries,
             "bytes": prefix.bytes,
@@ -549,6 +565,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let mut options = args.model.engine_options(cache.clone()).await?;
     options.prefix_cache_n = (prefix_cache_n > 0).then_some(prefix_cache_n);
     let engine = build_engine(&options).await?;
+    let context = engine.config(None).ok().and_then(|c| c.max_seq_len);
+    if let Some(budget) = args.kv_memory {
+        let max_seq_len = context.context("--kv-memory: the model reports no context length")?;
+        install_kv_memory_budget(
+            &cache,
+            options.dtype,
+            usize::try_from(budget).unwrap_or(usize::MAX),
+            max_seq_len,
+        )?;
+    }
     let report_choice = Arc::new(cache.clone());
     let report_layers = Arc::new(cache_layers(&options.model.model_id()).unwrap_or_default());
     let report_rank = Arc::new(rank.as_ref().map(|r| r.config.clone()));
@@ -559,7 +585,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let request_policy = Arc::new(RequestPolicy {
         media: args.exposure.media_policy(local_media_dir, &engine),
         max_messages: args.exposure.max_messages,
-        context: engine.config(None).ok().and_then(|c| c.max_seq_len),
+        context,
         engine: engine.clone(),
     });
     let body_limits = BodyLimits {

@@ -6,6 +6,7 @@
 //! A change in how the engine sees the cache belongs here (or, where mistral.rs itself must
 //! change, in a patch of `patches/`).
 
+pub mod admission;
 pub mod backend;
 pub mod engine;
 pub mod hub;
