@@ -374,12 +374,16 @@ fn the_fused_kernel_refuses_device_path_stores() {
     assert!(err.to_string().contains("device path"), "{err}");
 }
 
-/// No host transfer per step: after the first prefill (which uploads the device's constants
-/// once), decode steps upload nothing: through `append_and_attend` (layout order) not even at
-/// a compression; through `append` (position order every step) only the position index, once
-/// per compression. Uploads are counted on this thread ([`uploads_on_this_thread`]).
+/// No counted host transfer per step: after the first prefill (which uploads the device's
+/// constants once), decode steps make no counted upload: through `append_and_attend` (layout
+/// order) not even at a compression; through `append` (position order every step) only the
+/// position index, once per compression. What is counted ([`uploads_on_this_thread`]): the
+/// uploads the cache marks with `note_upload()` where it makes them (the per-device constants,
+/// the position index, the Hadamard matrix, host-quantized blocks, the position-order base);
+/// an upload made elsewhere would not be counted. Host *reads* are checked independently:
+/// every test here ends with [`device_path_host_reads`] at zero.
 #[test]
-fn decode_steps_upload_nothing_to_the_device() {
+fn decode_steps_make_no_counted_upload_to_the_device() {
     let config = LogQuantConfig {
         window: 4,
         group_size: 16,
