@@ -81,19 +81,21 @@ pub fn wanted_file(name: &str) -> bool {
 /// The snapshot directory of `repo` if every file the loaders need is in the cache: the
 /// configuration, the tokenizer, and every weight file the index names (or one weight file).
 fn complete_snapshot(repo: &CacheRepo) -> Option<PathBuf> {
-    let config = repo.get("config.json")?;
-    repo.get("tokenizer.json")?;
-    let dir = config.parent()?.to_path_buf();
-    match repo.get("model.safetensors.index.json") {
-        Some(index) => {
-            let shards = index_shards(&index).ok()?;
-            shards
-                .iter()
-                .all(|shard| dir.join(shard).is_file())
-                .then_some(dir)
-        }
-        None => repo.get("model.safetensors").map(|_| dir),
-    }
+    let dir = repo.get("config.json")?.parent()?.to_path_buf();
+    is_complete(&dir).then_some(dir)
+}
+
+/// Whether snapshot directory `dir` holds the configuration, the tokenizer, and every weight
+/// file the index names (or one weight file without an index).
+fn is_complete(dir: &Path) -> bool {
+    let has = |file: &str| dir.join(file).is_file();
+    let index = dir.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        index_shards(&index).is_ok_and(|shards| shards.iter().all(|shard| has(shard)))
+    } else {
+        has("model.safetensors")
+    };
+    has("config.json") && has("tokenizer.json") && weights
 }
 
 /// A revision given as a full commit hash names its snapshot directory directly, whether or not
@@ -107,14 +109,7 @@ fn commit_snapshot(cache: &Cache, repo: &Repo, revision: &str) -> Option<PathBuf
         .join(repo.folder_name())
         .join("snapshots")
         .join(revision);
-    let has = |file: &str| dir.join(file).is_file();
-    let index = dir.join("model.safetensors.index.json");
-    let weights = if index.is_file() {
-        index_shards(&index).ok()?.iter().all(|shard| has(shard))
-    } else {
-        has("model.safetensors")
-    };
-    (has("config.json") && has("tokenizer.json") && weights).then_some(dir)
+    is_complete(&dir).then_some(dir)
 }
 
 /// The weight files a `model.safetensors.index.json` names.

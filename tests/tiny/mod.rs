@@ -838,10 +838,7 @@ fn gemma3_vision_config(text: Value) -> Value {
 /// projector's (every bias present: a missing one loads as a placeholder layer that fails at
 /// the first image).
 fn gemma3_vision_weights(text: Weights) -> Weights {
-    let mut w = text;
-    for (name, _, _) in w.tensors.iter_mut() {
-        *name = format!("language_model.{name}");
-    }
+    let mut w = prefixed(text, "language_model.");
     let (v, i, patch) = (32, 64, 8);
     let positions = (GEMMA3_IMAGE_SIZE / patch).pow(2);
     let t = "vision_tower.vision_model";
@@ -856,7 +853,23 @@ fn gemma3_vision_weights(text: Weights) -> Weights {
         &[positions, v],
         0.1,
     );
-    let l = format!("{t}.encoder.layers.0");
+    clip_encoder_layer(&mut w, &format!("{t}.encoder.layers.0"), v, i);
+    w.constant(&format!("{t}.post_layernorm.weight"), &[v], 1.0);
+    w.constant(&format!("{t}.post_layernorm.bias"), &[v], 0.0);
+    // Used as `x @ W` ([vision hidden, text hidden]), no `.weight` suffix.
+    w.normal(
+        "multi_modal_projector.mm_input_projection_weight",
+        &[v, HIDDEN],
+        0.3 / (v as f32).sqrt(),
+    );
+    w.constant("multi_modal_projector.mm_soft_emb_norm.weight", &[v], 0.0);
+    w
+}
+
+/// One encoder layer of a CLIP-style vision tower (SigLIP, CLIP) at `l`, hidden `v`, MLP `i`:
+/// every linear with its bias (a missing one loads as a placeholder that fails at the first
+/// image).
+fn clip_encoder_layer(w: &mut Weights, l: &str, v: usize, i: usize) {
     for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
         w.linear(&format!("{l}.self_attn.{proj}.weight"), v, v, 1.0);
         w.constant(&format!("{l}.self_attn.{proj}.bias"), &[v], 0.0);
@@ -869,16 +882,6 @@ fn gemma3_vision_weights(text: Weights) -> Weights {
     w.constant(&format!("{l}.mlp.fc1.bias"), &[i], 0.0);
     w.linear(&format!("{l}.mlp.fc2.weight"), v, i, 1.0);
     w.constant(&format!("{l}.mlp.fc2.bias"), &[v], 0.0);
-    w.constant(&format!("{t}.post_layernorm.weight"), &[v], 1.0);
-    w.constant(&format!("{t}.post_layernorm.bias"), &[v], 0.0);
-    // Used as `x @ W` ([vision hidden, text hidden]), no `.weight` suffix.
-    w.normal(
-        "multi_modal_projector.mm_input_projection_weight",
-        &[v, HIDDEN],
-        0.3 / (v as f32).sqrt(),
-    );
-    w.constant("multi_modal_projector.mm_soft_emb_norm.weight", &[v], 0.0);
-    w
 }
 
 /// Prefix every tensor name.
@@ -1086,19 +1089,7 @@ fn llava_weights(text: Weights) -> Weights {
         w.constant(&format!("{t}.{norm}.weight"), &[v], 1.0);
         w.constant(&format!("{t}.{norm}.bias"), &[v], 0.0);
     }
-    let l = format!("{t}.encoder.layers.0");
-    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-        w.linear(&format!("{l}.self_attn.{proj}.weight"), v, v, 1.0);
-        w.constant(&format!("{l}.self_attn.{proj}.bias"), &[v], 0.0);
-    }
-    for norm in ["layer_norm1", "layer_norm2"] {
-        w.constant(&format!("{l}.{norm}.weight"), &[v], 1.0);
-        w.constant(&format!("{l}.{norm}.bias"), &[v], 0.0);
-    }
-    w.linear(&format!("{l}.mlp.fc1.weight"), i, v, 1.0);
-    w.constant(&format!("{l}.mlp.fc1.bias"), &[i], 0.0);
-    w.linear(&format!("{l}.mlp.fc2.weight"), v, i, 1.0);
-    w.constant(&format!("{l}.mlp.fc2.bias"), &[v], 0.0);
+    clip_encoder_layer(&mut w, &format!("{t}.encoder.layers.0"), v, i);
     w.linear("multi_modal_projector.linear_1.weight", HIDDEN, v, 1.0);
     w.constant("multi_modal_projector.linear_1.bias", &[HIDDEN], 0.0);
     w.linear("multi_modal_projector.linear_2.weight", HIDDEN, HIDDEN, 1.0);
