@@ -3,7 +3,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: prepare build serve test check lint bench eval build-cuda device-check-bundle build-ring test-tp figures
+.PHONY: prepare build serve test check lint bench eval cuda-check build-cuda device-check-bundle build-ring test-tp figures
 
 prepare:
 	@./scripts/prepare-patched-crates.sh
@@ -32,6 +32,12 @@ lint: prepare
 # subcommand (scripts/figures.sh; `scripts/figures.sh --check` compares instead of writing).
 figures: build
 	./scripts/figures.sh
+
+# Not in CI: `cargo check` and clippy of every target with `--features cuda`, against a fake
+# nvcc (no toolkit, nothing runnable; target/cuda-check).
+cuda-check: prepare
+	./scripts/cuda-typecheck.sh
+	./scripts/cuda-typecheck.sh --clippy
 
 # Not one of the two commands, and never in CI: a release binary with `--features cuda`, built
 # here without a GPU (pinned CUDA 13.0 wheels into target/cuda-toolkit; target/cuda).

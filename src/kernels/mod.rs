@@ -12,7 +12,8 @@
 //!   the cache into flash-decoding spans and `cpu/span_attention.rs` attends over one.
 //! - [`cuda`] (feature `cuda`): the fused decode attention of `cuda/decode_attention.cu`
 //!   (split-K flash decoding over the codes, and its reference kernels), compiled to PTX by
-//!   `build.rs` and launched from `cuda/mod.rs`; batches it does not cover, and chunks of
+//!   `build.rs` and launched from `cuda/fused.rs` (its reference kernels from
+//!   `cuda/reference.rs`); batches it does not cover, and chunks of
 //!   several tokens, run the portable path.
 //! - `metal/`: not written yet (issue 12); Metal runs the portable path.
 
