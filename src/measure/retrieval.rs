@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
 use crate::generate::{
-    detokenize, finished_sequences, generate_greedy, special_token_ids, tokenize,
-    usage_of_next_finished,
+    detokenize, finished_sequences, generate_greedy, leading_special_tokens, special_token_ids,
+    tokenize, usage_of_next_finished,
 };
 
 /// What to ask: `prompts` passages of `passage` tokens, each after every filler length.
@@ -161,10 +161,13 @@ pub async fn evaluate_copy(
         if prompts.is_empty() {
             let tokens = tokenize(&engine, &text).await?;
             let separator = tokenize(&engine, "\n\n").await?;
+            // A BOS where the model's tokenizer puts one (Gemma), as in a served completion.
+            let leading = leading_special_tokens(&engine).await?;
             for &filler in &settings.fillers {
                 let mut at_filler = Vec::new();
                 for i in 0..settings.prompts {
-                    let p = build_prompt(&tokens, &separator, settings, i, filler)?;
+                    let mut p = build_prompt(&tokens, &separator, settings, i, filler)?;
+                    p.prompt.splice(0..0, leading.iter().copied());
                     let expected = detokenize(&engine, p.expected.clone()).await?;
                     at_filler.push((p, expected));
                 }
