@@ -48,4 +48,4 @@ pub use integration::{
     admission, backend, engine, gguf_convert, hub, model_source, package_index, passthrough,
     spm_tokenizer, tensor_parallel,
 };
-pub use measure::{bench, eval, generate, provenance, retrieval};
+pub use measure::{bench, bootstrap, eval, generate, provenance, retrieval};

@@ -8,6 +8,9 @@ use clap::Args;
 
 use super::{CacheArgs, ModelArgs};
 use crate::cli::plot::svg;
+use mistralrs_logquant::bootstrap::{
+    mean_interval, mean_ratio_interval, perplexity_interval, perplexity_ratio_interval, Interval,
+};
 use mistralrs_logquant::config::{allowed_names, AttentionKernel, PolicyKind};
 use mistralrs_logquant::engine::KvCacheChoice;
 use mistralrs_logquant::eval::{
@@ -447,17 +450,27 @@ fn bits_cell(bits: Option<f64>) -> String {
     bits.map_or_else(|| "-".into(), |b| format!("{b:.2}"))
 }
 
-/// A Markdown table of the rows.
+/// A Markdown table of the rows, with bootstrap 95% intervals (blocks of 32 scored tokens; the
+/// ratio paired by position against the first row, the default cache).
 pub fn table(rows: &[EvalRow]) -> String {
     let mut out = String::from(
-        "| config | bits/value at 4k | perplexity | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|---|\n",
+        "| config | bits/value at 4k | full precision | perplexity [95% CI] | vs default [95% CI] | KL vs default | top-1 agreement | cache bytes | vs default |\n|---|---|---|---|---|---|---|---|---|\n",
     );
+    let Some(first) = rows.first() else {
+        return out;
+    };
+    let reference = first.nll.as_slice();
     for r in rows {
+        let ppl_ci = interval_cell(perplexity_interval(&r.nll));
+        let ratio = r.perplexity / first.perplexity;
+        let ratio_ci = interval_cell(perplexity_ratio_interval(&r.nll, reference));
         out.push_str(&format!(
-            "| {} | {} | {:.3} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
+            "| {} | {} | {} | {:.3} {ppl_ci} | {:.4} {ratio_ci} | {:.4} | {:.3} | {} | {:.2}x smaller |\n",
             r.config,
             bits_cell(r.bits_per_value_4k),
+            fraction_cell(r.full_precision_fraction),
             r.perplexity,
+            ratio,
             r.kl_vs_default,
             r.top1_agreement,
             r.cache_bytes,
@@ -467,34 +480,54 @@ pub fn table(rows: &[EvalRow]) -> String {
     out
 }
 
+/// A bootstrap interval, or `-` where there was nothing to resample.
+fn interval_cell(interval: Option<Interval>) -> String {
+    interval.map_or("-".into(), |i| format!("{i:.3}"))
+}
+
+/// A fraction of cached tokens as a percentage, `-` where the cache did not report it.
+fn fraction_cell(fraction: Option<f64>) -> String {
+    fraction.map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
+}
+
 /// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
 /// default cache's (the first row).
 pub fn copy_table(rows: &[CopyRow]) -> String {
     let Some(first) = rows.first() else {
         return String::new();
     };
-    let mut out = String::from("| config | bits/value at 4k |");
+    let mut out = String::from("| config | bits/value at 4k | full precision (last prompt) |");
     for c in &first.cells {
-        out.push_str(&format!(" copy, {} filler | vs default |", c.filler));
+        out.push_str(&format!(
+            " copy, {} filler [95% CI] | vs default [95% CI] |",
+            c.filler
+        ));
     }
-    out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|");
+    out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|---|");
     out.push_str(&"---|---|".repeat(first.cells.len()));
     out.push_str("---|---|\n");
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} |",
+            "| {} | {} | {} |",
             r.config,
-            bits_cell(r.bits_per_value_4k)
+            bits_cell(r.bits_per_value_4k),
+            fraction_cell(r.full_precision_fraction)
         ));
         for (c, d) in r.cells.iter().zip(&first.cells) {
             let ratio = if d.mean > 0.0 {
-                format!("{:.2}", c.mean / d.mean)
+                format!(
+                    "{:.2} {}",
+                    c.mean / d.mean,
+                    mean_ratio_interval(&c.scores, &d.scores)
+                        .map_or("-".into(), |i| format!("{i:.2}"))
+                )
             } else {
                 "-".into()
             };
             out.push_str(&format!(
-                " {:.3} ({}/{} verbatim) | {ratio} |",
+                " {:.3} {} ({}/{} verbatim) | {ratio} |",
                 c.mean,
+                interval_cell(mean_interval(&c.scores)),
                 c.verbatim,
                 c.scores.len()
             ));

@@ -40,6 +40,11 @@ pub struct EvalRow {
     /// (`KvCacheChoice::bits_per_value`); absent in JSON written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits_per_value_4k: Option<f64>,
+    /// Fraction of the cached tokens held in full precision at the end of the run (LogQuant
+    /// keeps at most 3W whatever the length, so short contexts flatter it); absent where the
+    /// cache did not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_precision_fraction: Option<f64>,
 }
 
 /// exp(mean negative log-likelihood).
@@ -179,6 +184,7 @@ pub async fn evaluate_window(
             cache_bytes: usage.bytes,
             dense_cache_bytes: usage.dense_bytes,
             bits_per_value_4k: config.bits_per_value(4096),
+            full_precision_fraction: full_precision_fraction(&usage),
         });
         if reference.is_none() {
             reference = Some(steps);
@@ -187,6 +193,11 @@ pub async fn evaluate_window(
     let mut seen = leading;
     seen.extend_from_slice(&tokens[window.start..window.start + window.prefill + window.score]);
     Ok(Evaluation { rows, tokens: seen })
+}
+
+/// Full-precision tokens over cached tokens of a finished sequence's usage record.
+pub fn full_precision_fraction(usage: &mistralrs_core::kv_cache_backend::LayerUsage) -> Option<f64> {
+    (usage.tokens > 0).then(|| usage.full_precision_tokens as f64 / usage.tokens as f64)
 }
 
 /// `[from, to)` context ranges of the scored positions `prefill..prefill + score`, cut at

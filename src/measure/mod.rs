@@ -4,6 +4,7 @@
 //! ([`provenance`]). They return rows; the binary prints, plots and writes them.
 
 pub mod bench;
+pub mod bootstrap;
 pub mod eval;
 pub mod generate;
 pub mod provenance;

@@ -68,6 +68,10 @@ pub struct CopyRow {
     /// (`KvCacheChoice::bits_per_value`); absent in JSON written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits_per_value_4k: Option<f64>,
+    /// Fraction of the last prompt's cached tokens held in full precision (see
+    /// [`crate::eval::EvalRow::full_precision_fraction`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_precision_fraction: Option<f64>,
 }
 
 /// Fraction of `expected`'s words that `generated` reproduces before its first wrong word.
@@ -205,6 +209,7 @@ pub async fn evaluate_copy(
             dense_cache_bytes: usage.dense_bytes,
             cached_tokens: usage.tokens,
             bits_per_value_4k: config.bits_per_value(4096),
+            full_precision_fraction: crate::eval::full_precision_fraction(&usage),
         });
     }
     Ok(rows)
