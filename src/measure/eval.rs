@@ -196,7 +196,9 @@ pub async fn evaluate_window(
 }
 
 /// Full-precision tokens over cached tokens of a finished sequence's usage record.
-pub fn full_precision_fraction(usage: &mistralrs_core::kv_cache_backend::LayerUsage) -> Option<f64> {
+pub fn full_precision_fraction(
+    usage: &mistralrs_core::kv_cache_backend::LayerUsage,
+) -> Option<f64> {
     (usage.tokens > 0).then(|| usage.full_precision_tokens as f64 / usage.tokens as f64)
 }
 
