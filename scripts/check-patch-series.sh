@@ -2,8 +2,12 @@
 # Proves that each patch series patches/<crate>+<version>/ makes the same tree as the single
 # patch file patches/<crate>+<version>.patch it replaced (issue #30), from the repository alone:
 # the single patch is read from git history (`git show REV:patches/<crate>+<version>.patch`),
-# applied to one pristine copy of the crate, the series (from the working tree, in name order,
-# each patch exactly: no fuzz) to another, and the two trees are compared with `diff -r`.
+# applied to one pristine copy of the crate, the series to another (in name order, each patch
+# exactly: no fuzz), and the two trees are compared with `diff -r`. The series is the one of
+# the commit that deleted the single patch (the split itself: patches added since, such as
+# new fixes, are not in the single patch), or the working tree's while the single patch
+# still exists. That today's whole series applies is what every `make` checks
+# (scripts/prepare-patched-crates.sh).
 #
 # Usage: scripts/check-patch-series.sh [REV]
 #   REV  the commit to take the single patches from; default, for each crate, the last commit
@@ -52,6 +56,19 @@ for series_dir in "${series_dirs[@]}"; do
   patch -p1 --batch --forward --silent -d "$tmp/single.$name/$crate-$version" \
     -i "$tmp/$name.single.patch" || die "$single (at $rev) does not apply to pristine $crate"
 
+  # The series that replaced the single patch: as of the commit that deleted it, if one did.
+  deleted="$(git -C "$root" log -1 --format=%H --diff-filter=D -- "$single")"
+  mkdir -p "$tmp/series-files.$name"
+  if [ -n "$deleted" ]; then
+    while IFS= read -r path; do
+      git -C "$root" show "$deleted:$path" > "$tmp/series-files.$name/$(basename "$path")"
+    done < <(git -C "$root" ls-tree --name-only "$deleted" "patches/$name/" | grep '\.patch$')
+    series_from="commit ${deleted:0:12}"
+  else
+    cp "$series_dir"/*.patch "$tmp/series-files.$name/"
+    series_from="the working tree"
+  fi
+
   count=0
   while IFS= read -r f; do
     out="$(patch -p1 --batch --forward --fuzz=0 -d "$tmp/series.$name/$crate-$version" -i "$f" 2>&1)" \
@@ -60,7 +77,7 @@ for series_dir in "${series_dirs[@]}"; do
       echo "check-patch-series: note: patches/$name/$(basename "$f"): $(grep -E 'offset|fuzz' <<< "$out" | head -n1)" >&2
     fi
     count=$((count + 1))
-  done < <(find "$series_dir" -maxdepth 1 -type f -name '*.patch' | sort)
+  done < <(find "$tmp/series-files.$name" -maxdepth 1 -type f -name '*.patch' | sort)
   [ "$count" -gt 0 ] || die "patches/$name/ has no *.patch files"
 
   if ! diff -r --exclude=.logquant-patch.sha256 \
@@ -68,5 +85,5 @@ for series_dir in "${series_dirs[@]}"; do
     head -n 60 "$tmp/$name.diff" >&2
     die "$crate $version: the series patches/$name/ and $single (at ${rev:0:12}) make different trees (above)"
   fi
-  echo "check-patch-series: $crate $version: patches/$name/ ($count patches) == $single at ${rev:0:12}: identical trees"
+  echo "check-patch-series: $crate $version: patches/$name/ of $series_from ($count patches) == $single at ${rev:0:12}: identical trees"
 done
