@@ -10,7 +10,7 @@
 //!   in full precision ([`policy`]), every other token in 2, 3, 4 or 8 bits, keys and values
 //!   at their own widths ([`quant`], [`store`]), configured by [`config::LogQuantConfig`];
 //!   quantized blocks are candle tensors on the model's device, quantized and dequantized
-//!   there with candle ops off the CPU ([`packed`]).
+//!   there with candle ops off the CPU ([`packed`], built from [`device_ops`]).
 //! - [`kernels`]: attention over the packed cache (the fused CPU kernel and its reference).
 //! - [`engine`]: a mistral.rs engine with a chosen cache, device, dtype and weights mode;
 //!   [`generate`]: greedy and teacher-forced requests against it.
@@ -43,7 +43,7 @@ pub mod measure;
 
 // Every module by its own name too (`mistralrs_logquant::engine`, `crate::config`): the layers
 // are folders, the paths stay short.
-pub use cache::{config, packed, policy, quant, store};
+pub use cache::{config, device_ops, packed, policy, quant, store};
 pub use integration::{
     admission, backend, engine, gguf_convert, hub, model_source, package_index, passthrough,
     spm_tokenizer, tensor_parallel,

@@ -21,7 +21,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 use crate::config::{KeyGrouping, LogQuantConfig};
-use crate::packed::{arange_u32, dequantize_blocks, note_upload, PackedBlock};
+use crate::device_ops::{arange_u32, note_upload};
+use crate::packed::{dequantize_blocks, PackedBlock};
 use crate::policy::Selection;
 use crate::quant::{dequantize_rows, Grouping, QuantBlock};
 

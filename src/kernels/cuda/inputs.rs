@@ -108,6 +108,6 @@ pub(super) fn prepare(
         .reshape((plan.batch, plan.n_q, plan.d))?
         .contiguous()?;
     // The offsets are the one host-to-device upload of a call (bookkeeping, not tensor data).
-    crate::packed::note_upload();
+    crate::device_ops::note_upload();
     Ok(Ok((plan, inputs, q32)))
 }
