@@ -11,7 +11,7 @@
 # MISTRALRS_LOGQUANT_BIN names another binary (default target/release/mistralrs-logquant).
 #
 # Every committed figure is listed here, each with its data file; a new figure is one more
-# line. (All ten redraw byte-identical from their committed JSON; none is drawn from data that
+# line. (All eleven redraw byte-identical from their committed JSON; none is drawn from data that
 # is not in docs/data/.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +30,7 @@ FIGURES=(
     eval-pareto-1k    # quality.md: the Pareto chart, perplexity at 1k
     copy-6k           # quality.md: at 6000 filler
     eval-8k           # quality.md: quality from 1k to 8k tokens
+    gemma3-ppl-8k     # quality.md: Gemma 3 270M at 8k
 )
 
 check=false

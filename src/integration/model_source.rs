@@ -252,6 +252,38 @@ impl ModelSource {
         Preset::SmolLm2.source()
     }
 
+    /// The model's trained context in tokens: a GGUF's `<architecture>.context_length`, a
+    /// safetensors model's `max_position_embeddings` (or its `text_config`'s, for multimodal
+    /// configs). `None` where the files do not say.
+    pub fn context_length(&self) -> Option<usize> {
+        match self {
+            Self::Gguf(path) => {
+                let mut file = File::open(path).ok()?;
+                let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+                let arch = content
+                    .metadata
+                    .get("general.architecture")?
+                    .to_string()
+                    .ok()?;
+                let key = format!("{arch}.context_length");
+                content
+                    .metadata
+                    .get(&key)?
+                    .to_u64()
+                    .ok()
+                    .map(|n| n as usize)
+            }
+            Self::Safetensors(dir) | Self::Hub { dir, .. } => {
+                let text = fs::read_to_string(dir.join("config.json")).ok()?;
+                let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+                [&config, &config["text_config"]]
+                    .iter()
+                    .find_map(|c| c["max_position_embeddings"].as_u64())
+                    .map(|n| n as usize)
+            }
+        }
+    }
+
     /// The model's name, for `/v1/models`, responses and logs; never a path: the default
     /// model's clean name, a GGUF file's stem, a safetensors directory's name, a hub id.
     pub fn model_id(&self) -> String {
