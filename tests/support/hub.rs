@@ -9,6 +9,9 @@
 //! Anything else is a 404. Every request is counted, so a test can show that a start made none.
 #![allow(dead_code)]
 
+#[path = "local_http.rs"]
+mod local_http;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +23,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use local_http::LocalHttp;
 use sha2::{Digest, Sha256};
 
 /// The commit every file of the repository is served at.
@@ -37,8 +41,7 @@ struct Repo {
 pub struct FakeHub {
     pub endpoint: String,
     repo: Arc<Repo>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: LocalHttp,
 }
 
 impl FakeHub {
@@ -61,50 +64,20 @@ impl FakeHub {
             files,
             requests: AtomicUsize::new(0),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind hub");
-        listener.set_nonblocking(true).unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = Router::new()
             .route("/{*path}", get(answer))
             .with_state(repo.clone());
-        let thread = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await
-                        .unwrap();
-                })
-        });
+        let server = LocalHttp::start(app);
         Self {
-            endpoint,
+            endpoint: server.base.clone(),
             repo,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
     /// Requests answered so far (any path, any status).
     pub fn requests(&self) -> usize {
         self.repo.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -8,6 +8,9 @@
 //! Anything else is a 404. Every request is counted, so a test can show that a start made none.
 #![allow(dead_code)]
 
+#[path = "local_http.rs"]
+mod local_http;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +22,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use local_http::LocalHttp;
 use sha2::{Digest, Sha256};
 
 struct Index {
@@ -34,8 +38,7 @@ pub struct FakeIndex {
     /// The index's base URL, ending in `/simple/`.
     pub url: String,
     index: Arc<Index>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: LocalHttp,
 }
 
 /// A wheel (a zip archive) of `project` at `version` holding `content` under `member`: its file
@@ -67,50 +70,20 @@ impl FakeIndex {
             files,
             requests: AtomicUsize::new(0),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind index");
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}/simple/", listener.local_addr().unwrap());
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = Router::new()
             .route("/{*path}", get(answer))
             .with_state(index.clone());
-        let thread = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stopped.await;
-                        })
-                        .await
-                        .unwrap();
-                })
-        });
+        let server = LocalHttp::start(app);
         Self {
-            url,
+            url: format!("{}/simple/", server.base),
             index,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
     /// Requests answered so far (any path, any status).
     pub fn requests(&self) -> usize {
         self.index.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for FakeIndex {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
