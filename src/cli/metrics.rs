@@ -238,7 +238,7 @@ impl Metrics {
         gauge(&self.live_tokens, usage.live.tokens);
         gauge(
             &self.live_full_precision_tokens,
-            usage.live.full_precision_tokens,
+            mistralrs_logquant::backend::full_precision_tokens(&usage.live),
         );
         gauge(&self.live_quantized_tokens, usage.live.quantized_tokens);
         gauge(&self.live_bytes, usage.live.bytes);

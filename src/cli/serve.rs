@@ -219,7 +219,7 @@ pub fn kv_cache_report(
             "tokens": u.tokens,
             "bytes": u.bytes,
             "default_cache_bytes": u.dense_bytes,
-            "full_precision_tokens": u.full_precision_tokens,
+            "full_precision_tokens": mistralrs_logquant::backend::full_precision_tokens(u),
             "quantized_tokens": u.quantized_tokens,
         })
     };

@@ -411,6 +411,16 @@ impl KvCacheBackend for LogQuantCache {
     }
 }
 
+/// Cached tokens not quantized, from a usage record (one sequence's, or a sum of them). The
+/// core's book merges a sequence's layers by the maximum of each count, so where stock layers
+/// sit beside the backend's (Gemma 3: sliding-window layers of 512 exact tokens beside LogQuant's
+/// global layers) its `full_precision_tokens` is the stock layers' count; `tokens -
+/// quantized_tokens` is the backend's own (stock layers quantize nothing, and the longest layers
+/// are the backend's). Where every layer is the backend's, the two agree.
+pub fn full_precision_tokens(usage: &LayerUsage) -> usize {
+    usage.tokens.saturating_sub(usage.quantized_tokens)
+}
+
 /// True if `mask` is the plain causal mask of `new` rows after `cached` ones: shape
 /// `(.., new, cached + new)`, 0 where row `i` may see column `j <= cached + i`, a large negative
 /// number elsewhere, the same for every leading index. Anything else (a sliding window, padding,
@@ -434,4 +444,29 @@ pub fn is_plain_causal(mask: Option<&Tensor>, cached: usize, new: usize) -> Resu
             .enumerate()
             .all(|(j, &m)| if j <= cached + i { m == 0.0 } else { m < -1e4 })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma 3's shape: the book's maximum-merged record of 15 stock sliding layers (512 exact
+    /// tokens) beside LogQuant layers (8448 tokens, 126 exact, 8322 quantized).
+    #[test]
+    fn full_precision_tokens_are_the_backends_own_beside_stock_layers() {
+        let merged = LayerUsage {
+            tokens: 8448,
+            bytes: 0,
+            dense_bytes: 0,
+            full_precision_tokens: 512,
+            quantized_tokens: 8322,
+        };
+        assert_eq!(full_precision_tokens(&merged), 126);
+        let stock_only = LayerUsage {
+            full_precision_tokens: 8448,
+            quantized_tokens: 0,
+            ..merged
+        };
+        assert_eq!(full_precision_tokens(&stock_only), 8448);
+    }
 }

@@ -195,17 +195,13 @@ pub async fn evaluate_window(
     Ok(Evaluation { rows, tokens: seen })
 }
 
-/// The fraction of a finished sequence's cached tokens that are not quantized. The usage record
-/// merges layers by the maximum of each count, so where stock layers sit beside the backend's
-/// (Gemma 3: 15 sliding-window layers of 512 exact tokens beside 3 LogQuant layers) its
-/// `full_precision_tokens` is the stock layers' 512; `tokens - quantized_tokens` is the
-/// backend layers' own count (stock layers quantize nothing, the longest layer is the
-/// backend's).
+/// The fraction of a finished sequence's cached tokens that are not quantized
+/// ([`crate::backend::full_precision_tokens`]).
 pub fn full_precision_fraction(
     usage: &mistralrs_core::kv_cache_backend::LayerUsage,
 ) -> Option<f64> {
     (usage.tokens > 0)
-        .then(|| usage.tokens.saturating_sub(usage.quantized_tokens) as f64 / usage.tokens as f64)
+        .then(|| crate::backend::full_precision_tokens(usage) as f64 / usage.tokens as f64)
 }
 
 /// `[from, to)` context ranges of the scored positions `prefill..prefill + score`, cut at
