@@ -317,3 +317,39 @@ async fn perplexity_within_two_percent_of_an_independent_forward_pass() {
         default.perplexity
     );
 }
+
+/// A chat whose conversation passes the 512-token sliding window: every turn answers (mistral.rs
+/// 0.8.1's prefix cache broke Gemma 3's sliding layers at the third turn with a 500, with either
+/// cache, so the engine turns it off for sliding-window models and says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_turn_chat_past_the_sliding_window_answers_every_turn() {
+    let _ = model();
+    let server = Server::start(&["--model", "gemma3-270m"]);
+    let text = common::shared_text();
+    let mut messages = Vec::new();
+    let mut prompt_tokens = 0;
+    for turn in 0..3 {
+        let content = format!(
+            "{}\nSummarize in one line.",
+            &text[3000 * turn..3000 * turn + 1500]
+        );
+        messages.push(json!({"role": "user", "content": content}));
+        let body = json!({"model": "gemma-3-270m", "messages": messages, "max_tokens": 8,
+                          "temperature": 0.0});
+        let (status, reply) = server.post("/v1/chat/completions", body.to_string()).await;
+        assert_eq!(status, 200, "turn {}: {reply}", turn + 1);
+        let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+        prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().unwrap();
+        let answer = reply["choices"][0]["message"]["content"].clone();
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    assert!(
+        prompt_tokens > 1024,
+        "the last turn is past the window ({prompt_tokens} tokens)"
+    );
+    let log = server.stderr.lock().unwrap().join("\n");
+    assert!(
+        log.contains("prefix caching is off for gemma-3-270m"),
+        "said at start"
+    );
+}

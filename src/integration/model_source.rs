@@ -284,6 +284,39 @@ impl ModelSource {
         }
     }
 
+    /// The sliding window of the model's windowed attention layers, if it has any: a GGUF's
+    /// `<architecture>.attention.sliding_window`, a safetensors model's `sliding_window` (or its
+    /// `text_config`'s) unless `use_sliding_window` is false. `None` where the files say none.
+    pub fn sliding_window(&self) -> Option<usize> {
+        match self {
+            Self::Gguf(path) => {
+                let mut file = File::open(path).ok()?;
+                let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+                let arch = content
+                    .metadata
+                    .get("general.architecture")?
+                    .to_string()
+                    .ok()?;
+                let key = format!("{arch}.attention.sliding_window");
+                content
+                    .metadata
+                    .get(&key)?
+                    .to_u64()
+                    .ok()
+                    .map(|n| n as usize)
+            }
+            Self::Safetensors(dir) | Self::Hub { dir, .. } => {
+                let text = fs::read_to_string(dir.join("config.json")).ok()?;
+                let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+                [&config, &config["text_config"]]
+                    .iter()
+                    .filter(|c| c["use_sliding_window"].as_bool() != Some(false))
+                    .find_map(|c| c["sliding_window"].as_u64())
+                    .map(|n| n as usize)
+            }
+        }
+    }
+
     /// The model's name, for `/v1/models`, responses and logs; never a path: the default
     /// model's clean name, a GGUF file's stem, a safetensors directory's name, a hub id.
     pub fn model_id(&self) -> String {
