@@ -257,29 +257,9 @@ impl ModelSource {
     /// configs). `None` where the files do not say.
     pub fn context_length(&self) -> Option<usize> {
         match self {
-            Self::Gguf(path) => {
-                let mut file = File::open(path).ok()?;
-                let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
-                let arch = content
-                    .metadata
-                    .get("general.architecture")?
-                    .to_string()
-                    .ok()?;
-                let key = format!("{arch}.context_length");
-                content
-                    .metadata
-                    .get(&key)?
-                    .to_u64()
-                    .ok()
-                    .map(|n| n as usize)
-            }
+            Self::Gguf(path) => gguf_architecture_number(path, "context_length"),
             Self::Safetensors(dir) | Self::Hub { dir, .. } => {
-                let text = fs::read_to_string(dir.join("config.json")).ok()?;
-                let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-                [&config, &config["text_config"]]
-                    .iter()
-                    .find_map(|c| c["max_position_embeddings"].as_u64())
-                    .map(|n| n as usize)
+                config_number(dir, "max_position_embeddings")
             }
         }
     }
@@ -289,31 +269,8 @@ impl ModelSource {
     /// `text_config`'s) unless `use_sliding_window` is false. `None` where the files say none.
     pub fn sliding_window(&self) -> Option<usize> {
         match self {
-            Self::Gguf(path) => {
-                let mut file = File::open(path).ok()?;
-                let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
-                let arch = content
-                    .metadata
-                    .get("general.architecture")?
-                    .to_string()
-                    .ok()?;
-                let key = format!("{arch}.attention.sliding_window");
-                content
-                    .metadata
-                    .get(&key)?
-                    .to_u64()
-                    .ok()
-                    .map(|n| n as usize)
-            }
-            Self::Safetensors(dir) | Self::Hub { dir, .. } => {
-                let text = fs::read_to_string(dir.join("config.json")).ok()?;
-                let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-                [&config, &config["text_config"]]
-                    .iter()
-                    .filter(|c| c["use_sliding_window"].as_bool() != Some(false))
-                    .find_map(|c| c["sliding_window"].as_u64())
-                    .map(|n| n as usize)
-            }
+            Self::Gguf(path) => gguf_architecture_number(path, "attention.sliding_window"),
+            Self::Safetensors(dir) | Self::Hub { dir, .. } => config_number(dir, "sliding_window"),
         }
     }
 
@@ -332,6 +289,28 @@ impl ModelSource {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "model".to_string())
     }
+}
+
+/// `<architecture>.<key>` of a GGUF's metadata, as a number.
+fn gguf_architecture_number(path: &Path, key: &str) -> Option<usize> {
+    let mut file = File::open(path).ok()?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+    let metadata = &content.metadata;
+    let arch = metadata.get("general.architecture")?.to_string().ok()?;
+    let value = metadata.get(&format!("{arch}.{key}"))?.to_u64().ok()?;
+    Some(value as usize)
+}
+
+/// `key` of a safetensors model's `config.json`, or of its `text_config` (multimodal configs),
+/// as a number. A section with `use_sliding_window: false` has no sliding window.
+fn config_number(dir: &Path, key: &str) -> Option<usize> {
+    let text = fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    [&config, &config["text_config"]]
+        .iter()
+        .filter(|c| key != "sliding_window" || c["use_sliding_window"].as_bool() != Some(false))
+        .find_map(|c| c[key].as_u64())
+        .map(|n| n as usize)
 }
 
 /// The per-user cache directory: `$MISTRALRS_LOGQUANT_CACHE`, else the platform cache dir.
