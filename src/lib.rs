@@ -14,8 +14,9 @@
 //! - [`kernels`]: attention over the packed cache (the fused CPU kernel and its reference).
 //! - [`engine`]: a mistral.rs engine with a chosen cache, device, dtype and weights mode;
 //!   [`generate`]: greedy and teacher-forced requests against it.
-//! - [`eval`], [`retrieval`] and [`bench`]: measurements through the real decode path
-//!   (perplexity and KL against the default cache, the copy task, decode speed and KV bytes),
+//! - [`eval`], [`retrieval`], [`needle`] and [`bench`]: measurements through the real decode
+//!   path (perplexity and KL against the default cache, the copy and passkey tasks, decode
+//!   speed and KV bytes),
 //!   returning rows; [`provenance`] records what a measurement ran on.
 //! - [`passthrough`]: an exact full-precision backend, the reference for the plumbing.
 //! - [`tensor_parallel`]: rank configs for mistral.rs's multi-process tensor parallelism (the
@@ -48,4 +49,4 @@ pub use integration::{
     admission, backend, engine, gguf_convert, hub, model_source, package_index, passthrough,
     spm_tokenizer, tensor_parallel,
 };
-pub use measure::{bench, bootstrap, eval, generate, provenance, retrieval};
+pub use measure::{bench, bootstrap, eval, generate, needle, provenance, retrieval};

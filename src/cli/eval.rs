@@ -16,6 +16,7 @@ use mistralrs_logquant::engine::KvCacheChoice;
 use mistralrs_logquant::eval::{
     context_segments, evaluate_window, segment_perplexities, EvalRow, EvalWindow,
 };
+use mistralrs_logquant::needle::{evaluate_needle, NeedleRow, NeedleSettings};
 use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings};
 
 /// What `eval` measures.
@@ -26,6 +27,9 @@ pub enum Task {
     /// Copy a passage seen `--fillers` tokens earlier (greedy; words right before the first
     /// error).
     Copy,
+    /// Find a five-digit pass key hidden at `--depths` of prompts of `--lengths` tokens
+    /// (greedy; digits right before the first error).
+    Needle,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -59,9 +63,15 @@ pub struct EvalArgs {
     /// copy: filler lengths in tokens, comma-separated (the model's context bounds them).
     #[arg(long, default_value = "1000,3000", value_delimiter = ',')]
     pub fillers: Vec<usize>,
-    /// copy: passages per filler length.
+    /// copy: passages per filler length; needle: keys per (length, depth).
     #[arg(long, default_value_t = 8)]
     pub prompts: usize,
+    /// needle: prompt lengths in tokens, comma-separated (the model's context bounds them).
+    #[arg(long, default_value = "1024,4096", value_delimiter = ',')]
+    pub lengths: Vec<usize>,
+    /// needle: depths of the key, in percent of the text before it, comma-separated.
+    #[arg(long, default_value = "0,25,50,75,100", value_delimiter = ',')]
+    pub depths: Vec<usize>,
     /// copy: tokens per passage.
     #[arg(long, default_value_t = 160)]
     pub passage: usize,
@@ -174,8 +184,10 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     if !args.text.is_file() {
         bail!("--text {} does not exist", args.text.display());
     }
-    if args.task == Task::Copy {
-        return eval_copy(args, configs).await;
+    match args.task {
+        Task::Copy => return eval_copy(args, configs).await,
+        Task::Needle => return eval_needle(args, configs).await,
+        Task::Ppl => {}
     }
     if args.prefill == 0 || args.score == 0 {
         bail!("--prefill and --score must be at least 1");
@@ -261,15 +273,7 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
         .filter(|c| **c != KvCacheChoice::Default)
         .count()
         + 1;
-    let bar =
-        indicatif::ProgressBar::new((measured * settings.prompts * settings.fillers.len()) as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "[{elapsed_precise}] {bar:30} {pos}/{len} prompts, eta {eta} {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    let bar = prompt_bar(measured * settings.prompts * settings.fillers.len());
     let counter = bar.clone();
     let rows = evaluate_copy(
         &options,
@@ -303,6 +307,81 @@ async fn eval_copy(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
             .with_context(|| format!("cannot write --plot {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `eval --task needle`.
+async fn eval_needle(args: EvalArgs, configs: Vec<KvCacheChoice>) -> Result<()> {
+    if args.prompts == 0 || args.lengths.is_empty() || args.depths.is_empty() {
+        bail!("--prompts must be at least 1, --lengths and --depths not empty");
+    }
+    if let Some(d) = args.depths.iter().find(|&&d| d > 100) {
+        bail!("invalid value `{d}` for --depths (allowed: 0 to 100)");
+    }
+    let options = args.model.engine_options(KvCacheChoice::Default).await?;
+    if let Some(context) = options.model.context_length() {
+        if let Some(l) = args.lengths.iter().find(|&&l| l + 8 > context) {
+            bail!("--lengths {l} leaves no room to answer in the model's {context}-token context");
+        }
+    }
+    let settings = NeedleSettings {
+        start: args.start,
+        prompts: args.prompts,
+        lengths: args.lengths.clone(),
+        depths: args.depths.clone(),
+    };
+    let measured = configs
+        .iter()
+        .filter(|c| **c != KvCacheChoice::Default)
+        .count()
+        + 1;
+    let total = measured * settings.prompts * settings.lengths.len() * settings.depths.len();
+    let bar = prompt_bar(total);
+    let counter = bar.clone();
+    let rows = evaluate_needle(
+        &options,
+        &args.text,
+        &settings,
+        &configs,
+        |msg| bar.set_message(msg.to_string()),
+        move |n| counter.set_position(n as u64),
+    )
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "needle task: {} five-digit keys per length and depth, in text from token {} of {}, \
+         asked for at the end, answered greedily\n",
+        settings.prompts,
+        settings.start,
+        args.text.display()
+    );
+    print!("{}", needle_table(&rows));
+    println!();
+    print!("{}", needle_depth_table(&rows));
+    if let Some(path) = &args.plot {
+        std::fs::write(path, svg(&needle_charts(&rows)))
+            .with_context(|| format!("cannot write --plot {}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        let run = mistralrs_logquant::provenance::RunInfo::collect(&options);
+        let json =
+            serde_json::json!({ "task": "needle", "settings": settings, "rows": rows, "run": run });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write --json {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A progress bar over `total` prompts.
+fn prompt_bar(total: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} prompts, eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(500));
+    bar
 }
 
 /// Perplexity per context range, one row per configuration.
@@ -539,6 +618,120 @@ pub fn copy_table(rows: &[CopyRow]) -> String {
         ));
     }
     out
+}
+
+/// A Markdown table of the needle task: mean score over every depth (keys found whole) per
+/// length, and its ratio to the default cache's (the first row), with intervals.
+pub fn needle_table(rows: &[NeedleRow]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let mut lengths: Vec<usize> = first.cells.iter().map(|c| c.length).collect();
+    lengths.dedup();
+    let mut out = String::from("| config | bits/value at 4k | full precision (last prompt) |");
+    for l in &lengths {
+        out.push_str(&format!(
+            " key, {l} tokens [95% CI] | vs default [95% CI] |"
+        ));
+    }
+    out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|---|");
+    out.push_str(&"---|---|".repeat(lengths.len()));
+    out.push_str("---|---|\n");
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} |",
+            r.config,
+            bits_cell(r.bits_per_value_4k),
+            fraction_cell(r.full_precision_fraction)
+        ));
+        for &l in &lengths {
+            let (scores, reference) = (r.scores_at_length(l), first.scores_at_length(l));
+            let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+            let reference_mean = reference.iter().sum::<f64>() / reference.len().max(1) as f64;
+            let ratio = if reference_mean > 0.0 {
+                format!(
+                    "{:.2} {}",
+                    mean / reference_mean,
+                    interval_cell(mean_ratio_interval(&scores, &reference))
+                )
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                " {mean:.3} {} ({}/{} whole) | {ratio} |",
+                interval_cell(mean_interval(&scores)),
+                scores.iter().filter(|&&s| s == 1.0).count(),
+                scores.len()
+            ));
+        }
+        out.push_str(&format!(
+            " {} | {:.2}x smaller |\n",
+            r.cache_bytes,
+            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+        ));
+    }
+    out
+}
+
+/// The needle task by depth: one row per (configuration, length), the mean score at each depth.
+pub fn needle_depth_table(rows: &[NeedleRow]) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let mut depths: Vec<usize> = first.cells.iter().map(|c| c.depth).collect();
+    depths.sort_unstable();
+    depths.dedup();
+    let mut out = String::from("| config | length |");
+    for d in &depths {
+        out.push_str(&format!(" depth {d}% |"));
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---|".repeat(depths.len()));
+    out.push('\n');
+    for r in rows {
+        let mut lengths: Vec<usize> = r.cells.iter().map(|c| c.length).collect();
+        lengths.dedup();
+        for l in lengths {
+            out.push_str(&format!("| {} | {l} |", r.config));
+            for &d in &depths {
+                match r.cells.iter().find(|c| c.length == l && c.depth == d) {
+                    Some(c) => out.push_str(&format!(" {:.2} |", c.mean)),
+                    None => out.push_str(" - |"),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Mean needle score (all depths) against prompt length, one line per configuration.
+pub fn needle_charts(rows: &[NeedleRow]) -> Vec<crate::cli::plot::Chart> {
+    use crate::cli::plot::{Chart, Series};
+    vec![Chart {
+        title: "Pass key found, all depths".into(),
+        x_label: "prompt length (tokens)".into(),
+        y_label: "fraction of the key's digits right before the first error".into(),
+        series: rows
+            .iter()
+            .map(|r| {
+                let mut lengths: Vec<usize> = r.cells.iter().map(|c| c.length).collect();
+                lengths.dedup();
+                let points = lengths
+                    .into_iter()
+                    .map(|l| {
+                        let scores = r.scores_at_length(l);
+                        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+                        (l as f64, mean)
+                    })
+                    .collect();
+                Series {
+                    label: r.config.clone(),
+                    points,
+                }
+            })
+            .collect(),
+    }]
 }
 
 /// Mean copy score against filler length, one line per configuration.

@@ -11,6 +11,7 @@ use super::{bench, eval};
 use crate::cli::plot::svg;
 use mistralrs_logquant::bench::{BenchReport, BenchRow};
 use mistralrs_logquant::eval::{EvalRow, EvalWindow};
+use mistralrs_logquant::needle::{NeedleRow, NeedleSettings};
 use mistralrs_logquant::provenance::RunInfo;
 use mistralrs_logquant::retrieval::{CopyRow, CopySettings};
 
@@ -36,6 +37,15 @@ enum Input {
         #[serde(default)]
         run: Option<RunInfo>,
     },
+    /// `eval --task needle --json` (before `Eval`: its rows hold cells, not perplexities).
+    Needle {
+        #[allow(dead_code)]
+        task: String,
+        settings: NeedleSettings,
+        rows: Vec<NeedleRow>,
+        #[serde(default)]
+        run: Option<RunInfo>,
+    },
     Eval {
         window: EvalWindow,
         rows: Vec<EvalRow>,
@@ -52,7 +62,9 @@ impl Input {
     /// What the run ran on, when the JSON records it.
     fn run(&self) -> Option<&RunInfo> {
         match self {
-            Self::Copy { run, .. } | Self::Eval { run, .. } => run.as_ref(),
+            Self::Copy { run, .. } | Self::Needle { run, .. } | Self::Eval { run, .. } => {
+                run.as_ref()
+            }
             Self::Bench(report) => report.run.as_ref(),
             Self::BenchRows(_) => None,
         }
@@ -78,6 +90,13 @@ pub fn report(args: ReportArgs) -> Result<()> {
             println!("copy task: {settings:?}\n");
             print!("{}", eval::copy_table(&rows));
             eval::copy_charts(&rows)
+        }
+        Input::Needle { settings, rows, .. } => {
+            println!("needle task: {settings:?}\n");
+            print!("{}", eval::needle_table(&rows));
+            println!();
+            print!("{}", eval::needle_depth_table(&rows));
+            eval::needle_charts(&rows)
         }
         Input::Eval { window, rows, .. } => {
             print!("{}", eval::table(&rows));

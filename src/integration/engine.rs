@@ -482,28 +482,16 @@ pub async fn build_engine(options: &EngineOptions) -> Result<Arc<MistralRs>> {
     let name = options.model.model_id();
     let selected = model_selected(&options.model, options.dtype.to_model_dtype())?;
     let mut builder = MistralRsForServerBuilder::new()
-        .with_model_config(ModelConfig::new(name.clone(), selected).with_alias(name.clone()))
+        .with_model_config(ModelConfig::new(name.clone(), selected).with_alias(name))
         .with_in_situ_quant_optional(isq)
         .with_token_source(TokenSource::None)
         .with_max_seqs(options.max_seqs)
         .with_cpu(options.cpu)
         .with_seed_optional(options.seed.filter(|_| !options.cpu))
         .set_paged_attn(Some(false));
-    // mistral.rs 0.8.1's prefix cache breaks sliding-window layers once a conversation passes
-    // the window: a hit restores the rotating cache (the window's last N tokens) but the next
-    // chunk's mask spans the whole prefix ("shape mismatch in broadcast_add, lhs: [1, 4, 377,
-    // 889], rhs: [377, 1128]" at the third turn of a Gemma 3 chat, with either cache). Until
-    // that is fixed upstream or in the patch, such models run without it.
-    let prefix_cache_n = match (options.prefix_cache_n, options.model.sliding_window()) {
-        (Some(n), Some(window)) if n > 0 => {
-            tracing::warn!(
-                "prefix caching is off for {name}: its sliding-window layers (window {window}) \
-                 break mistral.rs 0.8.1's prefix cache past the window"
-            );
-            0
-        }
-        (n, _) => n.unwrap_or(0),
-    };
+    // Sliding-window models too: core patch 0026 fits a mask to the rotating cache's keys after
+    // a prefix hit past the window (mistral.rs 0.8.1 failed there with a 500).
+    let prefix_cache_n = options.prefix_cache_n.unwrap_or(0);
     builder = builder.with_prefix_cache_n(prefix_cache_n);
     if !options.cpu {
         // mistral.rs would turn paged attention on for CUDA; its block tables bypass the

@@ -264,16 +264,6 @@ impl ModelSource {
         }
     }
 
-    /// The sliding window of the model's windowed attention layers, if it has any: a GGUF's
-    /// `<architecture>.attention.sliding_window`, a safetensors model's `sliding_window` (or its
-    /// `text_config`'s) unless `use_sliding_window` is false. `None` where the files say none.
-    pub fn sliding_window(&self) -> Option<usize> {
-        match self {
-            Self::Gguf(path) => gguf_architecture_number(path, "attention.sliding_window"),
-            Self::Safetensors(dir) | Self::Hub { dir, .. } => config_number(dir, "sliding_window"),
-        }
-    }
-
     /// The model's name, for `/v1/models`, responses and logs; never a path: the default
     /// model's clean name, a GGUF file's stem, a safetensors directory's name, a hub id.
     pub fn model_id(&self) -> String {
@@ -302,13 +292,12 @@ fn gguf_architecture_number(path: &Path, key: &str) -> Option<usize> {
 }
 
 /// `key` of a safetensors model's `config.json`, or of its `text_config` (multimodal configs),
-/// as a number. A section with `use_sliding_window: false` has no sliding window.
+/// as a number.
 fn config_number(dir: &Path, key: &str) -> Option<usize> {
     let text = fs::read_to_string(dir.join("config.json")).ok()?;
     let config: serde_json::Value = serde_json::from_str(&text).ok()?;
     [&config, &config["text_config"]]
         .iter()
-        .filter(|c| key != "sliding_window" || c["use_sliding_window"].as_bool() != Some(false))
         .find_map(|c| c[key].as_u64())
         .map(|n| n as usize)
 }

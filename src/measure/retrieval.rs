@@ -11,8 +11,10 @@
 //! Nothing here depends on the model: any tokenizer, any text long enough.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use mistralrs_core::MistralRs;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{build_engine, EngineOptions, KvCacheChoice};
@@ -136,6 +138,81 @@ pub fn build_prompt(
     })
 }
 
+/// One greedy prompt of a retrieval task: its tokens, how many tokens to generate, and the text
+/// a right answer continues with.
+#[derive(Debug, Clone)]
+pub struct GreedyPrompt {
+    pub prompt: Vec<u32>,
+    pub max_new: usize,
+    pub expected: String,
+}
+
+/// One configuration's answers to every prompt of a retrieval task.
+#[derive(Debug, Clone)]
+pub struct ConfigScores {
+    pub config: KvCacheChoice,
+    /// The score of each prompt, grouped as the prompts were.
+    pub scores: Vec<Vec<f64>>,
+    /// The cache's usage at the end of the last prompt.
+    pub last_usage: mistralrs_core::kv_cache_backend::LayerUsage,
+}
+
+/// Every prompt answered greedily (special tokens suppressed) by each configuration in turn (the
+/// default cache first, added if missing), each answer scored by `score(expected, generated)`.
+/// `prompts` builds the prompts once, with the first engine (for its tokenizer). `progress` gets
+/// a message per phase, `done` the number of prompts answered so far over all configurations.
+pub async fn answer_with_each_config<F, Fut>(
+    base: &EngineOptions,
+    configs: &[KvCacheChoice],
+    prompts: F,
+    score: impl Fn(&str, &str) -> f64,
+    progress: impl Fn(&str),
+    done: impl Fn(usize),
+) -> Result<Vec<ConfigScores>>
+where
+    F: FnOnce(Arc<MistralRs>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<(String, Vec<GreedyPrompt>)>>>,
+{
+    let mut configs = configs.to_vec();
+    configs.retain(|c| *c != KvCacheChoice::Default);
+    configs.insert(0, KvCacheChoice::Default);
+    let suppressed = special_token_ids(&base.model)?;
+    let mut answered = 0;
+    let mut out = Vec::new();
+    let mut prompts = Some(prompts);
+    let mut groups: Vec<(String, Vec<GreedyPrompt>)> = Vec::new();
+    for config in configs {
+        progress(&format!("loading model with {}", config.label()));
+        let engine = build_engine(&base.with_cache(config.clone())).await?;
+        if let Some(build) = prompts.take() {
+            groups = build(engine.clone()).await?;
+        }
+        let mut scores = Vec::new();
+        let mut last_usage = None;
+        for (label, group) in &groups {
+            progress(&format!("{} {label}", config.label()));
+            let mut group_scores = Vec::new();
+            for p in group {
+                let finished = finished_sequences();
+                let out =
+                    generate_greedy(&engine, p.prompt.clone(), p.max_new, &suppressed).await?;
+                last_usage = usage_of_next_finished(finished).await;
+                group_scores.push(score(&p.expected, &detokenize(&engine, out).await?));
+                answered += 1;
+                done(answered);
+            }
+            scores.push(group_scores);
+        }
+        drop(engine);
+        out.push(ConfigScores {
+            config,
+            scores,
+            last_usage: last_usage.unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
 /// Run the copy task with each configuration (the default cache first, added if missing).
 /// `progress` gets a message per phase, `done` the number of prompts answered so far over all
 /// configurations.
@@ -152,67 +229,50 @@ pub async fn evaluate_copy(
     }
     let text = std::fs::read_to_string(text_path)
         .with_context(|| format!("cannot read --text {}", text_path.display()))?;
-    let mut configs = configs.to_vec();
-    configs.retain(|c| *c != KvCacheChoice::Default);
-    configs.insert(0, KvCacheChoice::Default);
-    let suppressed = special_token_ids(&base.model)?;
-    let mut answered = 0;
-    let mut rows = Vec::new();
-    let mut prompts: Vec<Vec<(CopyPrompt, String)>> = Vec::new();
-    for config in configs {
-        progress(&format!("loading model with {}", config.label()));
-        let engine = build_engine(&base.with_cache(config.clone())).await?;
-        if prompts.is_empty() {
-            let tokens = tokenize(&engine, &text).await?;
-            let separator = tokenize(&engine, "\n\n").await?;
-            // A BOS where the model's tokenizer puts one (Gemma), as in a served completion.
-            let leading = leading_special_tokens(&engine).await?;
-            for &filler in &settings.fillers {
-                let mut at_filler = Vec::new();
-                for i in 0..settings.prompts {
-                    let mut p = build_prompt(&tokens, &separator, settings, i, filler)?;
-                    p.prompt.splice(0..0, leading.iter().copied());
-                    let expected = detokenize(&engine, p.expected.clone()).await?;
-                    at_filler.push((p, expected));
-                }
-                prompts.push(at_filler);
+    let build = |engine: Arc<MistralRs>| async move {
+        let tokens = tokenize(&engine, &text).await?;
+        let separator = tokenize(&engine, "\n\n").await?;
+        // A BOS where the model's tokenizer puts one (Gemma), as in a served completion.
+        let leading = leading_special_tokens(&engine).await?;
+        let mut groups = Vec::new();
+        for &filler in &settings.fillers {
+            let mut at_filler = Vec::new();
+            for i in 0..settings.prompts {
+                let mut p = build_prompt(&tokens, &separator, settings, i, filler)?;
+                p.prompt.splice(0..0, leading.iter().copied());
+                at_filler.push(GreedyPrompt {
+                    max_new: p.expected.len(),
+                    expected: detokenize(&engine, p.expected).await?,
+                    prompt: p.prompt,
+                });
             }
+            groups.push((format!("after {filler} filler tokens"), at_filler));
         }
-        let mut cells = Vec::new();
-        let mut last_usage = None;
-        for (&filler, at_filler) in settings.fillers.iter().zip(&prompts) {
-            progress(&format!("{} after {filler} filler tokens", config.label()));
-            let mut scores = Vec::new();
-            for (p, expected) in at_filler {
-                let finished = finished_sequences();
-                let out = generate_greedy(&engine, p.prompt.clone(), p.expected.len(), &suppressed)
-                    .await?;
-                last_usage = usage_of_next_finished(finished).await;
-                scores.push(copy_score(expected, &detokenize(&engine, out).await?));
-                answered += 1;
-                done(answered);
-            }
-            let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-            cells.push(CopyCell {
-                filler,
-                verbatim: scores.iter().filter(|&&s| s == 1.0).count(),
-                mean,
-                scores,
-            });
-        }
-        drop(engine);
-        let usage = last_usage.unwrap_or_default();
-        rows.push(CopyRow {
-            config: config.label(),
-            cells,
-            cache_bytes: usage.bytes,
-            dense_cache_bytes: usage.dense_bytes,
-            cached_tokens: usage.tokens,
-            bits_per_value_4k: config.bits_per_value(4096),
-            full_precision_fraction: crate::eval::full_precision_fraction(&usage),
-        });
-    }
-    Ok(rows)
+        Ok(groups)
+    };
+    let answers = answer_with_each_config(base, configs, build, copy_score, progress, done).await?;
+    Ok(answers
+        .into_iter()
+        .map(|a| CopyRow {
+            config: a.config.label(),
+            cells: settings
+                .fillers
+                .iter()
+                .zip(a.scores)
+                .map(|(&filler, scores)| CopyCell {
+                    filler,
+                    verbatim: scores.iter().filter(|&&s| s == 1.0).count(),
+                    mean: scores.iter().sum::<f64>() / scores.len() as f64,
+                    scores,
+                })
+                .collect(),
+            cache_bytes: a.last_usage.bytes,
+            dense_cache_bytes: a.last_usage.dense_bytes,
+            cached_tokens: a.last_usage.tokens,
+            bits_per_value_4k: a.config.bits_per_value(4096),
+            full_precision_fraction: crate::eval::full_precision_fraction(&a.last_usage),
+        })
+        .collect())
 }
 
 #[cfg(test)]
