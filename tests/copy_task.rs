@@ -56,8 +56,11 @@ async fn default_cache_copies_what_an_all_quantized_cache_loses() {
     );
     // The byte counter of the last prompt: 100 + 300 + 40 prompt tokens and 2 separators, plus
     // the 60 generated (the last one is not cached).
-    assert!(rows[1].cache_bytes * 4 < rows[0].cache_bytes, "{table}");
-    assert_eq!(rows[0].cached_tokens, rows[1].cached_tokens);
+    assert!(
+        rows[1].memory.cache_bytes * 4 < rows[0].memory.cache_bytes,
+        "{table}"
+    );
+    assert_eq!(rows[0].memory.cached_tokens, rows[1].memory.cached_tokens);
 }
 
 /// `eval --task needle` on SmolLM2: the default cache reads pass keys back from 600-token
@@ -105,5 +108,5 @@ async fn default_cache_finds_the_pass_key_an_all_quantized_cache_loses() {
         mean(&default) >= 0.75 && whole(&none) + 2 <= whole(&default),
         "default {default:?} vs none {none:?}\n{table}"
     );
-    assert_eq!(rows[0].cached_tokens, rows[1].cached_tokens);
+    assert_eq!(rows[0].memory.cached_tokens, rows[1].memory.cached_tokens);
 }

@@ -17,7 +17,7 @@ use mistralrs_logquant::eval::{
     context_segments, evaluate_window, segment_perplexities, EvalRow, EvalWindow,
 };
 use mistralrs_logquant::needle::{evaluate_needle, NeedleRow, NeedleSettings};
-use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings};
+use mistralrs_logquant::retrieval::{evaluate_copy, CopyRow, CopySettings, RowMemory};
 
 /// What `eval` measures.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -569,108 +569,103 @@ fn fraction_cell(fraction: Option<f64>) -> String {
     fraction.map_or("-".into(), |f| format!("{:.1}%", 100.0 * f))
 }
 
-/// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
-/// default cache's (the first row).
-pub fn copy_table(rows: &[CopyRow]) -> String {
+/// One configuration's row of a retrieval table: its memory and its scores, column by column.
+struct ScoreRow<'a> {
+    config: &'a str,
+    memory: &'a RowMemory,
+    columns: Vec<Vec<f64>>,
+}
+
+/// A Markdown table of retrieval scores: per column, the mean score with its interval (how many
+/// scored 1, called `whole`), and its ratio to the first row's (the default cache), paired.
+fn score_table(headers: &[String], whole: &str, rows: &[ScoreRow<'_>]) -> String {
     let Some(first) = rows.first() else {
         return String::new();
     };
     let mut out = String::from("| config | bits/value at 4k | full precision (last prompt) |");
-    for c in &first.cells {
-        out.push_str(&format!(
-            " copy, {} filler [95% CI] | vs default [95% CI] |",
-            c.filler
-        ));
+    for h in headers {
+        out.push_str(&format!(" {h} [95% CI] | vs default [95% CI] |"));
     }
     out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|---|");
-    out.push_str(&"---|---|".repeat(first.cells.len()));
+    out.push_str(&"---|---|".repeat(headers.len()));
     out.push_str("---|---|\n");
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len().max(1) as f64;
     for r in rows {
         out.push_str(&format!(
             "| {} | {} | {} |",
             r.config,
-            bits_cell(r.bits_per_value_4k),
-            fraction_cell(r.full_precision_fraction)
+            bits_cell(r.memory.bits_per_value_4k),
+            fraction_cell(r.memory.full_precision_fraction)
         ));
-        for (c, d) in r.cells.iter().zip(&first.cells) {
-            let ratio = if d.mean > 0.0 {
+        for (scores, reference) in r.columns.iter().zip(&first.columns) {
+            let ratio = if mean(reference) > 0.0 {
                 format!(
                     "{:.2} {}",
-                    c.mean / d.mean,
-                    mean_ratio_interval(&c.scores, &d.scores)
+                    mean(scores) / mean(reference),
+                    mean_ratio_interval(scores, reference)
                         .map_or("-".into(), |i| format!("{i:.2}"))
                 )
             } else {
                 "-".into()
             };
             out.push_str(&format!(
-                " {:.3} {} ({}/{} verbatim) | {ratio} |",
-                c.mean,
-                interval_cell(mean_interval(&c.scores)),
-                c.verbatim,
-                c.scores.len()
-            ));
-        }
-        out.push_str(&format!(
-            " {} | {:.2}x smaller |\n",
-            r.cache_bytes,
-            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
-        ));
-    }
-    out
-}
-
-/// A Markdown table of the needle task: mean score over every depth (keys found whole) per
-/// length, and its ratio to the default cache's (the first row), with intervals.
-pub fn needle_table(rows: &[NeedleRow]) -> String {
-    let Some(first) = rows.first() else {
-        return String::new();
-    };
-    let mut lengths: Vec<usize> = first.cells.iter().map(|c| c.length).collect();
-    lengths.dedup();
-    let mut out = String::from("| config | bits/value at 4k | full precision (last prompt) |");
-    for l in &lengths {
-        out.push_str(&format!(
-            " key, {l} tokens [95% CI] | vs default [95% CI] |"
-        ));
-    }
-    out.push_str(" KV bytes (last prompt) | vs default |\n|---|---|---|");
-    out.push_str(&"---|---|".repeat(lengths.len()));
-    out.push_str("---|---|\n");
-    for r in rows {
-        out.push_str(&format!(
-            "| {} | {} | {} |",
-            r.config,
-            bits_cell(r.bits_per_value_4k),
-            fraction_cell(r.full_precision_fraction)
-        ));
-        for &l in &lengths {
-            let (scores, reference) = (r.scores_at_length(l), first.scores_at_length(l));
-            let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
-            let reference_mean = reference.iter().sum::<f64>() / reference.len().max(1) as f64;
-            let ratio = if reference_mean > 0.0 {
-                format!(
-                    "{:.2} {}",
-                    mean / reference_mean,
-                    interval_cell(mean_ratio_interval(&scores, &reference))
-                )
-            } else {
-                "-".into()
-            };
-            out.push_str(&format!(
-                " {mean:.3} {} ({}/{} whole) | {ratio} |",
-                interval_cell(mean_interval(&scores)),
+                " {:.3} {} ({}/{} {whole}) | {ratio} |",
+                mean(scores),
+                interval_cell(mean_interval(scores)),
                 scores.iter().filter(|&&s| s == 1.0).count(),
                 scores.len()
             ));
         }
         out.push_str(&format!(
             " {} | {:.2}x smaller |\n",
-            r.cache_bytes,
-            r.dense_cache_bytes as f64 / r.cache_bytes.max(1) as f64
+            r.memory.cache_bytes,
+            r.memory.dense_cache_bytes as f64 / r.memory.cache_bytes.max(1) as f64
         ));
     }
     out
+}
+
+/// A Markdown table: mean score (verbatim copies) per filler length, and its ratio to the
+/// default cache's (the first row).
+pub fn copy_table(rows: &[CopyRow]) -> String {
+    let headers: Vec<String> = rows.first().map_or(Vec::new(), |r| {
+        r.cells
+            .iter()
+            .map(|c| format!("copy, {} filler", c.filler))
+            .collect()
+    });
+    let rows: Vec<ScoreRow<'_>> = rows
+        .iter()
+        .map(|r| ScoreRow {
+            config: &r.config,
+            memory: &r.memory,
+            columns: r.cells.iter().map(|c| c.scores.clone()).collect(),
+        })
+        .collect();
+    score_table(&headers, "verbatim", &rows)
+}
+
+/// The lengths of a needle run, in order.
+fn needle_lengths(row: &NeedleRow) -> Vec<usize> {
+    let mut lengths: Vec<usize> = row.cells.iter().map(|c| c.length).collect();
+    lengths.dedup();
+    lengths
+}
+
+/// A Markdown table of the needle task: mean score over every depth (keys found whole) per
+/// length, and its ratio to the default cache's (the first row), with intervals.
+pub fn needle_table(rows: &[NeedleRow]) -> String {
+    let lengths = rows.first().map(needle_lengths).unwrap_or_default();
+    let headers: Vec<String> = lengths.iter().map(|l| format!("key, {l} tokens")).collect();
+    let rows: Vec<ScoreRow<'_>> = rows
+        .iter()
+        .map(|r| ScoreRow {
+            config: &r.config,
+            memory: &r.memory,
+            columns: lengths.iter().map(|&l| r.scores_at_length(l)).collect(),
+        })
+        .collect();
+    score_table(&headers, "whole", &rows)
 }
 
 /// The needle task by depth: one row per (configuration, length), the mean score at each depth.
@@ -689,9 +684,7 @@ pub fn needle_depth_table(rows: &[NeedleRow]) -> String {
     out.push_str(&"---|".repeat(depths.len()));
     out.push('\n');
     for r in rows {
-        let mut lengths: Vec<usize> = r.cells.iter().map(|c| c.length).collect();
-        lengths.dedup();
-        for l in lengths {
+        for l in needle_lengths(r) {
             out.push_str(&format!("| {} | {l} |", r.config));
             for &d in &depths {
                 match r.cells.iter().find(|c| c.length == l && c.depth == d) {
@@ -715,9 +708,7 @@ pub fn needle_charts(rows: &[NeedleRow]) -> Vec<crate::cli::plot::Chart> {
         series: rows
             .iter()
             .map(|r| {
-                let mut lengths: Vec<usize> = r.cells.iter().map(|c| c.length).collect();
-                lengths.dedup();
-                let points = lengths
+                let points = needle_lengths(r)
                     .into_iter()
                     .map(|l| {
                         let scores = r.scores_at_length(l);
@@ -755,7 +746,13 @@ pub fn copy_charts(rows: &[CopyRow]) -> Vec<crate::cli::plot::Chart> {
         let quality: Vec<(String, Option<f64>, f64)> = rows
             .iter()
             .skip(1)
-            .filter_map(|r| Some((r.config.clone(), r.bits_per_value_4k, at_longest(r)?.1)))
+            .filter_map(|r| {
+                Some((
+                    r.config.clone(),
+                    r.memory.bits_per_value_4k,
+                    at_longest(r)?.1,
+                ))
+            })
             .collect();
         let reference = (format!("{} (16 bits)", rows[0].config), default_score);
         if let Some(chart) = pareto_chart(

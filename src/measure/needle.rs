@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineOptions, KvCacheChoice};
 use crate::generate::{leading_special_tokens, tokenize};
-use crate::retrieval::{answer_with_each_config, GreedyPrompt};
+use crate::retrieval::{answer_with_each_config, GreedyPrompt, RowMemory};
 
 /// Digits in a pass key.
 pub const KEY_DIGITS: usize = 5;
@@ -58,15 +58,9 @@ pub struct NeedleCell {
 pub struct NeedleRow {
     pub config: String,
     pub cells: Vec<NeedleCell>,
-    /// KV-cache bytes of the last prompt (the longest, deepest), what the default cache would
-    /// hold for it, and its cached tokens.
-    pub cache_bytes: usize,
-    pub dense_cache_bytes: usize,
-    pub cached_tokens: usize,
-    /// Mean bits per cached value at 4096 tokens of a 16-bit model, all overhead included.
-    pub bits_per_value_4k: Option<f64>,
-    /// Fraction of the last prompt's cached tokens held in full precision.
-    pub full_precision_fraction: Option<f64>,
+    /// Of the last prompt (the longest, deepest).
+    #[serde(flatten)]
+    pub memory: RowMemory,
 }
 
 impl NeedleRow {
@@ -200,6 +194,7 @@ pub async fn evaluate_needle(
         .into_iter()
         .map(|a| NeedleRow {
             config: a.config.label(),
+            memory: RowMemory::of(&a.config, &a.last_usage),
             cells: cells
                 .iter()
                 .zip(a.scores)
@@ -211,11 +206,6 @@ pub async fn evaluate_needle(
                     scores,
                 })
                 .collect(),
-            cache_bytes: a.last_usage.bytes,
-            dense_cache_bytes: a.last_usage.dense_bytes,
-            cached_tokens: a.last_usage.tokens,
-            bits_per_value_4k: a.config.bits_per_value(4096),
-            full_precision_fraction: crate::eval::full_precision_fraction(&a.last_usage),
         })
         .collect())
 }

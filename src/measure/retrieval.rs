@@ -61,8 +61,16 @@ pub struct CopyCell {
 pub struct CopyRow {
     pub config: String,
     pub cells: Vec<CopyCell>,
-    /// KV-cache bytes of the last prompt at the longest filler, what the default cache would
-    /// hold for it, and its cached tokens.
+    /// Of the last prompt, at the longest filler.
+    #[serde(flatten)]
+    pub memory: RowMemory,
+}
+
+/// A retrieval row's memory: the KV cache of its last prompt, and its configuration's bits.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RowMemory {
+    /// KV-cache bytes of the last prompt, what the default cache would hold for it, and its
+    /// cached tokens.
     pub cache_bytes: usize,
     pub dense_cache_bytes: usize,
     pub cached_tokens: usize,
@@ -74,6 +82,22 @@ pub struct CopyRow {
     /// [`crate::eval::EvalRow::full_precision_fraction`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_precision_fraction: Option<f64>,
+}
+
+impl RowMemory {
+    /// `config`'s bits, and the cache of the last prompt as `usage` records it.
+    pub fn of(
+        config: &KvCacheChoice,
+        usage: &mistralrs_core::kv_cache_backend::LayerUsage,
+    ) -> Self {
+        Self {
+            cache_bytes: usage.bytes,
+            dense_cache_bytes: usage.dense_bytes,
+            cached_tokens: usage.tokens,
+            bits_per_value_4k: config.bits_per_value(4096),
+            full_precision_fraction: crate::eval::full_precision_fraction(usage),
+        }
+    }
 }
 
 /// Fraction of `expected`'s words that `generated` reproduces before its first wrong word.
@@ -255,6 +279,7 @@ pub async fn evaluate_copy(
         .into_iter()
         .map(|a| CopyRow {
             config: a.config.label(),
+            memory: RowMemory::of(&a.config, &a.last_usage),
             cells: settings
                 .fillers
                 .iter()
@@ -266,11 +291,6 @@ pub async fn evaluate_copy(
                     scores,
                 })
                 .collect(),
-            cache_bytes: a.last_usage.bytes,
-            dense_cache_bytes: a.last_usage.dense_bytes,
-            cached_tokens: a.last_usage.tokens,
-            bits_per_value_4k: a.config.bits_per_value(4096),
-            full_precision_fraction: crate::eval::full_precision_fraction(&a.last_usage),
         })
         .collect())
 }
