@@ -31,6 +31,7 @@ FIGURES=(
     copy-6k           # quality.md: at 6000 filler
     eval-8k           # quality.md: quality from 1k to 8k tokens
     gemma3-ppl-8k     # quality.md: Gemma 3 270M at 8k
+    gemma3-ppl-32k    # quality.md: Gemma 3 270M at 32k
 )
 
 check=false
